@@ -1,0 +1,320 @@
+package backup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/fi-backup/fi-backup/internal/virt"
+)
+
+// Consolidation shrinks a running disk's chain.
+//
+//	blockcommit: base ← bimg-T1 ← bimg-T2 (active)  becomes  base (active)
+//	blockpull:   base ← bimg-T1 ← bimg-T2 (active)  becomes  bimg-T2 (active, standalone)
+//
+// The commit goes into an explicit base, the first image below the top that
+// is not one of this tool's overlays, never into a template shared by other
+// domains below it (B8). Afterwards only files that left the chain in this
+// job, carry the overlay name and no other domain uses are deleted (B7).
+
+// ErrJobTimeout means a block job did not become ready in time.
+var ErrJobTimeout = errors.New("block job timed out")
+
+func (r *Runner) consolidate(ctx context.Context, dom virt.Domain) error {
+	name := dom.Name()
+	st, err := dom.State()
+	if err != nil || st != virt.StateRunning {
+		r.P.Err("Error: Consolidation requires '%s' to be running", name)
+		return ErrFailed
+	}
+	all, err := dom.Disks()
+	if err != nil {
+		r.P.Err("Cannot read the disks of '%s': %s", name, virt.Describe(err))
+		return ErrFailed
+	}
+	disks := backupDisks(all)
+	paths := make([]string, len(disks))
+	for i, d := range disks {
+		paths[i] = d.Source
+	}
+	r.P.Debug("Consolidation of block devices for '%s' requested", name)
+	r.P.Debug("Block devices to be consolidated:\n\t%s", strings.Join(paths, " "))
+	r.P.Debug("Consolidation method: %s", r.Method)
+	failed := false
+	for i, d := range disks {
+		if ctx.Err() != nil {
+			failed = true
+			break
+		}
+		r.P.Debug("Consolidation of '%d' block device: '%s' for '%s'", i, d.Source, name)
+		if err := r.consolidateDisk(ctx, dom, d); err != nil {
+			failed = true // B35: the other disks still get their turn
+		}
+	}
+	if failed {
+		return ErrFailed
+	}
+	return nil
+}
+
+func (r *Runner) consolidateDisk(ctx context.Context, dom virt.Domain, d virt.Disk) error {
+	name := dom.Name()
+	if d.ChainErr != nil || !d.Complete {
+		r.P.Err("Error consolidating block device '%s' for '%s': its backing chain is unknown", d.Source, name)
+		return ErrFailed
+	}
+	if len(d.Chain) < 2 {
+		r.P.Debug("No backing file found for '%s'. Nothing to do.", d.Source)
+		return nil
+	}
+	r.P.Debug("Parent block device: '%s'", d.Chain[1].Path)
+	before := d.Chain
+	kind, base := virt.JobPull, ""
+	if r.Method == "blockcommit" {
+		kind, base = virt.JobCommit, commitBase(before)
+		r.P.Debug("Committing into '%s'", base)
+	}
+	start := time.Now()
+	if err := r.runJob(ctx, dom, kind, d.Target, base); err != nil {
+		r.P.Err("Error consolidating block device '%s' for '%s':\n %s", d.Source, name, virt.Describe(err))
+		return ErrFailed
+	}
+	after, err := diskByTarget(dom, d.Target)
+	if err != nil {
+		r.P.Err("Error consolidating block device '%s' for '%s':\n cannot re-read the disk: %s", d.Source, name, virt.Describe(err))
+		return ErrFailed
+	}
+	if err := checkResult(kind, base, before, after); err != nil {
+		r.P.Err("Error consolidating block device '%s' for '%s':\n %v", d.Source, name, err)
+		return ErrFailed
+	}
+	r.P.Verb("Consolidation of block device '%s' for '%s' successful", d.Source, name)
+	r.P.Debug("Consolidation of '%s' took %s", d.Source, fmtDur(time.Since(start)))
+	if kind == virt.JobCommit {
+		r.P.Debug("Not deleting last element of snapshot_chain (top parent) since consolidation method='blockcommit'")
+	} else {
+		r.P.Debug("Not deleting 0th element of snapshot_chain (last child) since consolidation method='blockpull'")
+	}
+	r.deleteLeftovers(ctx, name, before, after.Chain)
+	return nil
+}
+
+// commitBase is the first image below the top whose name is not a
+// .bimg-YYYYMMDD-HHMMSS overlay; if every image is one, the bottom one.
+func commitBase(chain []virt.Image) string {
+	for _, img := range chain[1:] {
+		if !virt.IsOverlay(img.Path) {
+			return img.Path
+		}
+	}
+	return chain[len(chain)-1].Path
+}
+
+func diskByTarget(dom virt.Domain, target string) (virt.Disk, error) {
+	disks, err := dom.Disks()
+	if err != nil {
+		return virt.Disk{}, err
+	}
+	for _, d := range disks {
+		if d.Target == target {
+			return d, nil
+		}
+	}
+	return virt.Disk{}, fmt.Errorf("disk %s vanished from the domain", target)
+}
+
+// checkResult confirms in the live XML that the job did what it should.
+func checkResult(kind virt.JobKind, base string, before []virt.Image, after virt.Disk) error {
+	switch kind {
+	case virt.JobCommit:
+		if after.Source != base {
+			return fmt.Errorf("after the pivot the disk runs on '%s', not on '%s'", after.Source, base)
+		}
+	case virt.JobPull:
+		if after.Source != before[0].Path || len(after.Chain) != 1 {
+			return fmt.Errorf("after the pull '%s' still has %d backing files", after.Source, len(after.Chain)-1)
+		}
+	}
+	return nil
+}
+
+// runJob starts a block job and waits for it: READY then pivot for a
+// commit, COMPLETED for a pull. Events are registered before the job starts
+// (READY can arrive before the start call returns); a poll of the live XML
+// and job info is the safety net. On timeout or cancellation the job is
+// aborted, which leaves the domain on its old, valid chain.
+func (r *Runner) runJob(ctx context.Context, dom virt.Domain, kind virt.JobKind, target, base string) error {
+	events, stop, err := dom.WatchJobs()
+	if err != nil {
+		return err
+	}
+	defer stop()
+	if err := dom.StartJob(kind, target, base); err != nil {
+		return err
+	}
+	timeout := r.JobTimeout
+	if timeout <= 0 {
+		timeout = 30 * time.Minute
+	}
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(r.pollEvery())
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			r.abortJob(dom, target)
+			return fmt.Errorf("interrupted: block job aborted, '%s' stays on its previous chain", target)
+		case <-deadline.C:
+			r.abortJob(dom, target)
+			return fmt.Errorf("%w: not finished after %s; job aborted, the disk stays on its previous chain", ErrJobTimeout, timeout)
+		case ev := <-events:
+			if ev.Disk != target {
+				continue
+			}
+			switch ev.Status {
+			case virt.JobReady:
+				if kind == virt.JobCommit {
+					return r.pivot(ctx, dom, target)
+				}
+			case virt.JobCompleted:
+				if kind == virt.JobPull {
+					return nil
+				}
+			case virt.JobFailed:
+				return errors.New("block job failed")
+			case virt.JobCanceled:
+				return errors.New("block job was cancelled")
+			}
+		case <-tick.C:
+			done, err := r.pollJob(dom, kind, target)
+			if err != nil {
+				return err
+			}
+			if done && kind == virt.JobCommit {
+				return r.pivot(ctx, dom, target)
+			}
+			if done {
+				return nil
+			}
+		}
+	}
+}
+
+// pollJob reports READY (commit) or finished (pull) from libvirt's state.
+func (r *Runner) pollJob(dom virt.Domain, kind virt.JobKind, target string) (bool, error) {
+	if kind == virt.JobCommit {
+		d, err := diskByTarget(dom, target)
+		if err != nil {
+			return false, err
+		}
+		return d.Mirror != nil && d.Mirror.Ready == "yes", nil
+	}
+	info, err := dom.JobInfo(target)
+	if err != nil {
+		return false, err
+	}
+	return !info.Active, nil
+}
+
+func (r *Runner) pivot(ctx context.Context, dom virt.Domain, target string) error {
+	for attempt := 0; ; attempt++ {
+		err := dom.Pivot(target)
+		if err == nil || !errors.Is(err, virt.ErrJobActive) || attempt >= 20 || ctx.Err() != nil {
+			if err != nil {
+				r.abortJob(dom, target)
+			}
+			return err
+		}
+		time.Sleep(r.pollEvery()) // READY seen but libvirt not there yet
+	}
+}
+
+// abortJob cancels the job and waits (bounded) until libvirt reports it
+// gone, so no job is left dangling when the tool exits.
+func (r *Runner) abortJob(dom virt.Domain, target string) {
+	_ = dom.AbortJob(target)
+	for i := 0; i < 150; i++ {
+		info, err := dom.JobInfo(target)
+		if err != nil || !info.Active {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// deleteLeftovers removes the files that left the chain in this job, when
+// they carry this tool's overlay name and no other domain uses them.
+func (r *Runner) deleteLeftovers(ctx context.Context, name string, before, after []virt.Image) {
+	inAfter := map[string]bool{}
+	for _, img := range after {
+		inAfter[img.Path] = true
+	}
+	var gone []string
+	for _, img := range before {
+		if !inAfter[img.Path] {
+			gone = append(gone, img.Path)
+		}
+	}
+	if len(gone) == 0 {
+		return
+	}
+	users := r.otherUsers(ctx, name)
+	r.P.Verb("Deleting old backing files for '%s'", name)
+	for _, f := range gone {
+		switch {
+		case !virt.IsOverlay(f):
+			r.P.Warn("'%s' doesn't seem to be a backup backing file image. Not deleting it (manual intervention required)", f)
+		case users[f] != "":
+			r.P.Warn("'%s' is in the backing chain of domain '%s'. Not deleting it", f, users[f])
+		default:
+			r.P.Verb("Deleting old backing file '%s' for '%s'", f, name)
+			if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+				r.P.Warn("Could not delete file '%s'! %v", f, err)
+			}
+		}
+	}
+}
+
+// otherUsers maps every image in the chains of the other defined domains to
+// a domain using it.
+func (r *Runner) otherUsers(ctx context.Context, self string) map[string]string {
+	users := map[string]string{}
+	names, err := r.Hyp.List(virt.ListAll)
+	if err != nil {
+		r.P.Warn("Cannot list domains to check shared backing files: %s", virt.Describe(err))
+	}
+	for _, n := range names {
+		if n == self {
+			continue
+		}
+		dom, err := r.Hyp.Lookup(n)
+		if err != nil {
+			continue
+		}
+		disks, err := dom.Disks()
+		_ = dom.Close()
+		if err != nil {
+			continue
+		}
+		for _, d := range backupDisks(disks) {
+			chain := d.Chain
+			if !d.Complete { // inactive XML: ask qemu-img
+				if c, err := r.tool().Chain(ctx, d.Source); err == nil {
+					chain = chain[:0]
+					for _, img := range c {
+						chain = append(chain, virt.Image{Path: img.Path})
+					}
+				}
+			}
+			for _, img := range chain {
+				users[img.Path] = n
+			}
+		}
+	}
+	return users
+}

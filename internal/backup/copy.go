@@ -1,0 +1,273 @@
+package backup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/fi-backup/fi-backup/internal/copyfile"
+	"github.com/fi-backup/fi-backup/internal/qcow2"
+	"github.com/fi-backup/fi-backup/internal/virt"
+)
+
+// sourceXattr records on each backup copy which host file it was copied
+// from, so that two different sources landing on one name (B12) are caught
+// across runs too. Files without it (made by the old script) are trusted.
+const sourceXattr = "user.fi-backup.source"
+
+// copyChain copies imgs (top first, base last) into the backup directory,
+// base first so every copy's parent already exists when its backing
+// reference is rewritten. preserve selects cp -up (offline) over cp -u.
+func (r *Runner) copyChain(ctx context.Context, domName string, imgs []virt.Image, preserve bool) error {
+	failed := false
+	for i := len(imgs) - 1; i >= 0; i-- {
+		if err := ctx.Err(); err != nil {
+			r.P.Err("Copy of '%s' interrupted", imgs[i].Path)
+			return err
+		}
+		var parent *virt.Image
+		if i+1 < len(imgs) {
+			parent = &imgs[i+1]
+		}
+		if err := r.copyOne(ctx, imgs[i], parent, preserve); err != nil {
+			failed = true
+			// A copy whose parent failed would depend on a stale or missing
+			// parent: stop this chain here.
+			break
+		}
+	}
+	if failed {
+		return ErrFailed
+	}
+	return nil
+}
+
+func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, preserve bool) error {
+	dst := filepath.Join(r.BackupDir, filepath.Base(src.Path))
+	if preserve {
+		r.P.Debug("Backing up: cp -up %s %s/", src.Path, r.BackupDir)
+	} else {
+		r.P.Verb("Copy backing file '%s' to '%s'", src.Path, dst)
+	}
+	fail := func(format string, a ...any) error {
+		r.P.Err(format, a...)
+		return ErrFailed
+	}
+	if prev, ok := r.claim(dst, src.Path); !ok {
+		return fail("'%s' and '%s' would both be backed up as '%s': refusing to overwrite one with the other", prev, src.Path, dst)
+	}
+	if owner := getSource(dst); owner != "" && owner != src.Path {
+		return fail("'%s' already holds a copy of '%s': refusing to overwrite it with '%s'", dst, owner, src.Path)
+	}
+	sst, err := os.Stat(src.Path)
+	if err != nil {
+		return fail("Unable to copy '%s': %v", src.Path, err)
+	}
+	dstInfo, err := os.Lstat(dst)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fail("Unable to copy '%s': %v", src.Path, err)
+	}
+	if err != nil {
+		dstInfo = nil
+	}
+	need, reason, err := copyfile.NeedCopy(sst, dstInfo)
+	if err != nil {
+		return fail("Unable to copy '%s' to '%s': %v", src.Path, dst, err)
+	}
+	r.P.Debug("'%s': %s", dst, reason)
+	backing := ""
+	if parent != nil {
+		backing = filepath.Base(parent.Path)
+	}
+	if !need {
+		// A run killed between rename and rebase cannot happen (the rebase
+		// is done on the temporary file), but a copy made by the old script
+		// still points at the host path: make it self-contained.
+		return r.fixBacking(ctx, dst, backing, parent, preserve)
+	}
+	removeStaleTemps(dst)
+	if dstInfo != nil {
+		if err := r.keepGeneration(ctx, dst, src, dstInfo); err != nil {
+			return fail("Unable to keep the previous copy '%s': %v", dst, err)
+		}
+	}
+	start := time.Now()
+	st, err := copyfile.Copy(ctx, src.Path, dst, copyfile.Options{
+		Preserve: preserve,
+		Prepare: func(tmp string) error {
+			if parent != nil {
+				if err := r.tool().Rebase(ctx, tmp, backing, parent.Format); err != nil {
+					return err
+				}
+			}
+			setSource(tmp, src.Path)
+			return nil
+		},
+	})
+	if err != nil {
+		if preserve {
+			return fail("Unable to cp -up %s: %v", src.Path, err)
+		}
+		return fail("Unable to copy '%s' to '%s': %v", src.Path, dst, err)
+	}
+	r.P.Debug("Copied %d bytes of '%s' in %s", st.Bytes, src.Path, fmtDur(time.Since(start)))
+	return nil
+}
+
+// fixBacking makes an existing copy reference its parent copy by relative
+// name.
+func (r *Runner) fixBacking(ctx context.Context, dst, backing string, parent *virt.Image, preserve bool) error {
+	if parent == nil {
+		return nil
+	}
+	cur, err := qcow2.BackingFile(dst)
+	if err != nil || cur == backing {
+		return nil //nolint: a raw or unreadable copy has nothing to fix here
+	}
+	st, err := os.Stat(dst)
+	if err != nil {
+		return nil
+	}
+	if err := r.tool().Rebase(ctx, dst, backing, parent.Format); err != nil {
+		r.P.Err("Unable to point '%s' at '%s': %v", dst, backing, err)
+		return ErrFailed
+	}
+	if preserve { // cp -p semantics: the rewrite must not move the timestamp
+		_ = os.Chtimes(dst, atime(st), st.ModTime())
+	}
+	return nil
+}
+
+func atime(st os.FileInfo) time.Time {
+	if s, ok := st.Sys().(*syscall.Stat_t); ok {
+		return time.Unix(s.Atim.Sec, s.Atim.Nsec)
+	}
+	return st.ModTime()
+}
+
+// keepGeneration saves the copy at dst, which is about to be replaced by a
+// newer version of its source (after a blockcommit the base changes, B10),
+// under a generation name, and points every backup file that depends on it
+// at that name. Each step leaves a consistent directory: the hard link adds
+// a second name for the same data, each rebase swaps one reference to an
+// identical file, and only then does the new copy replace dst.
+func (r *Runner) keepGeneration(ctx context.Context, dst string, src virt.Image, old os.FileInfo) error {
+	gen, err := generationName(dst, old)
+	if err != nil {
+		return err
+	}
+	if err := os.Link(dst, gen); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	r.P.Info("Keeping the previous copy of '%s' as '%s' for the restore points that depend on it", filepath.Base(dst), filepath.Base(gen))
+	deps, err := dependants(r.BackupDir, filepath.Base(dst), src.Path)
+	if err != nil {
+		return err
+	}
+	for _, dep := range deps {
+		st, _ := os.Stat(dep)
+		if err := r.tool().Rebase(ctx, dep, filepath.Base(gen), src.Format); err != nil {
+			return err
+		}
+		if st != nil { // keep the dependant's time so cp -u decisions do not change
+			_ = os.Chtimes(dep, atime(st), st.ModTime())
+		}
+		r.P.Debug("'%s' now depends on '%s'", dep, gen)
+	}
+	return nil
+}
+
+// generationName is dst + ".gen-<mtime of the old copy>"; a name already
+// taken by another file gets a counter.
+func generationName(dst string, old os.FileInfo) (string, error) {
+	base := dst + ".gen-" + old.ModTime().Format(virt.TimestampLayout)
+	name := base
+	for i := 1; i < 1000; i++ {
+		st, err := os.Lstat(name)
+		if errors.Is(err, os.ErrNotExist) || (err == nil && os.SameFile(st, old)) {
+			return name, nil
+		}
+		name = fmt.Sprintf("%s.%d", base, i)
+	}
+	return "", fmt.Errorf("no free generation name for %s", dst)
+}
+
+// dependants lists the qcow2 files in dir whose backing reference is name
+// (relative, as this tool writes it) or the host path srcPath (as copies
+// made by the old script record it).
+func dependants(dir, name, srcPath string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range entries {
+		if !e.Type().IsRegular() || copyfile.IsTemp(e.Name()) {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		b, err := qcow2.BackingFile(p)
+		if err != nil {
+			continue
+		}
+		if b == name || b == srcPath {
+			out = append(out, p)
+		}
+	}
+	return out, nil
+}
+
+// removeStaleTemps deletes temporary files an interrupted run left for dst.
+// The domain lock and the B12 check mean nobody else writes this name.
+func removeStaleTemps(dst string) {
+	matches, _ := filepath.Glob(filepath.Join(filepath.Dir(dst), "."+globEscape(filepath.Base(dst))+".fi-backup-tmp-*"))
+	for _, m := range matches {
+		if copyfile.IsTemp(filepath.Base(m)) {
+			_ = os.Remove(m)
+		}
+	}
+}
+
+func globEscape(s string) string {
+	r := strings.NewReplacer(`\`, `\\`, `*`, `\*`, `?`, `\?`, `[`, `\[`)
+	return r.Replace(s)
+}
+
+func getSource(path string) string {
+	buf := make([]byte, 4096)
+	n, err := syscall.Getxattr(path, sourceXattr, buf)
+	if err != nil || n <= 0 {
+		return ""
+	}
+	return string(buf[:n])
+}
+
+// setSource is best effort: filesystems without user xattrs lose only the
+// cross-run part of the B12 check.
+func setSource(path, src string) {
+	_ = syscall.Setxattr(path, sourceXattr, []byte(src), 0)
+}
+
+func isDir(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.IsDir()
+}
+
+// checkWritableDir proves dir exists and takes new files.
+func checkWritableDir(dir string) error {
+	if !isDir(dir) {
+		return errors.New("it doesn't exist or is not a directory")
+	}
+	f, err := os.CreateTemp(dir, ".fi-backup-probe-*")
+	if err != nil {
+		return errors.Unwrap(err)
+	}
+	name := f.Name()
+	_ = f.Close()
+	return os.Remove(name)
+}

@@ -1,0 +1,336 @@
+// Package cli is fi-backup's command line: the old script's option grammar
+// and messages, the dependency checks, domain selection, and the one place
+// where the outcome becomes an exit code.
+package cli
+
+import (
+	"context"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/fi-backup/fi-backup/internal/backup"
+	"github.com/fi-backup/fi-backup/internal/lock"
+	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/qcow2"
+	"github.com/fi-backup/fi-backup/internal/virt"
+)
+
+// Env is everything Run needs from the outside world; tests replace parts.
+type Env struct {
+	Prog    string // $0 as typed, shown in usage and lock messages
+	Stdout  io.Writer
+	Stderr  io.Writer
+	Getenv  func(string) string
+	Connect func(uri string) (virt.Hypervisor, error)
+	Now     func() time.Time
+	LockDir string
+}
+
+type app struct {
+	Env
+	p      *logging.Printer
+	stdout io.Writer
+	stderr io.Writer
+	prog   string
+	getenv func(string) string
+}
+
+// Main runs fi-backup with the real environment and returns the exit code.
+func Main(args []string, connect func(string) (virt.Hypervisor, error)) int {
+	ctx, stop := context.WithCancelCause(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		s, ok := <-sigs
+		if ok {
+			stop(signalError{s.(syscall.Signal)})
+		}
+	}()
+	defer signal.Stop(sigs)
+	prog := os.Args[0]
+	return Run(ctx, Env{
+		Prog: prog, Stdout: os.Stdout, Stderr: os.Stderr, Getenv: os.Getenv,
+		Connect: connect, Now: time.Now, LockDir: lock.DefaultDir,
+	}, args)
+}
+
+type signalError struct{ sig syscall.Signal }
+
+func (e signalError) Error() string { return "interrupted by " + e.sig.String() }
+
+// Run is the whole program; it returns the exit code.
+func Run(ctx context.Context, env Env, args []string) int {
+	a := &app{Env: env, stdout: env.Stdout, stderr: env.Stderr, prog: env.Prog, getenv: env.Getenv}
+	if a.getenv == nil {
+		a.getenv = func(string) string { return "" }
+	}
+	if a.Now == nil {
+		a.Now = time.Now
+	}
+	a.p = logging.New(env.Stdout, false, false)
+	o, err := a.parse(args)
+	if err != nil {
+		return exitCode(err)
+	}
+	code := a.run(ctx, o)
+	var se signalError
+	if errors.As(context.Cause(ctx), &se) {
+		a.p.Err("Interrupted by %s: stopped after cleaning up", se.sig)
+		return 128 + int(se.sig)
+	}
+	return code
+}
+
+func exitCode(err error) int {
+	var en exitNow
+	if errors.As(err, &en) {
+		return en.code
+	}
+	return ExitFailure
+}
+
+func (a *app) run(ctx context.Context, o *Options) int {
+	if o.AllRunning {
+		a.p.Debug("all_running_domains = '1' so all running domains will be backed up")
+	}
+	var hyp virt.Hypervisor
+	var connErr error
+	uri := a.getenv("FI_BACKUP_URI")
+	connect := func() {
+		if hyp == nil && connErr == nil {
+			hyp, connErr = a.Connect(uri)
+		}
+	}
+	defer func() {
+		if hyp != nil {
+			_ = hyp.Close()
+		}
+	}()
+	if o.Consolidate {
+		if o.Quiesce {
+			a.usage("consolidation (-c | -C) and quiesce (-q) are not compatible")
+			return ExitFailure
+		}
+		if o.DumpDir != "" {
+			a.usage("consolidation (-c | -C) and dump state (-s) are not compatible")
+			return ExitFailure
+		}
+		if !o.MethodSet {
+			connect()
+			o.Method = defaultMethod(hyp)
+		}
+	}
+	if o.DumpDir != "" && o.Quiesce {
+		a.usage("dump state (-s) and quiesce (-q) are not compatible")
+		return ExitFailure
+	}
+	connect()
+	qemuImg, ok := a.checkDependencies(hyp, connErr)
+	if !ok {
+		return ExitDependency
+	}
+	if len(o.Args) == 0 && !o.AllRunning {
+		a.usage("<domain name> is missing!")
+		return ExitNoDomain
+	}
+	if len(o.Args) > 0 && o.AllRunning {
+		a.usage("Setting all_running (-r) and specifying domains not compatible")
+		return ExitNoDomain
+	}
+	sel := a.selectDomains(hyp, o)
+	r := &backup.Runner{
+		P: a.p, Hyp: hyp, Prog: a.prog, Now: a.Now, LockDir: a.LockDir,
+		QemuImg:   qemuImg,
+		BackupDir: o.BackupDir, DumpDir: o.DumpDir, Snapshot: o.Snapshot,
+		Consolidate: o.Consolidate, Method: o.Method, Quiesce: o.Quiesce,
+		JobTimeout: o.JobTimeout, AllKeyword: sel.allKeyword,
+	}
+	failed := sel.failed
+	for _, name := range sel.running {
+		if ctx.Err() != nil {
+			break
+		}
+		if err := r.Online(ctx, name); err != nil {
+			failed = true
+		}
+	}
+	for _, name := range sel.offline {
+		if ctx.Err() != nil {
+			break
+		}
+		if err := r.Offline(ctx, name); err != nil {
+			failed = true
+		}
+	}
+	if failed {
+		return ExitFailure
+	}
+	return ExitOK
+}
+
+// defaultMethod is the old rule: blockcommit when QEMU ≥ 2.1.0 and libvirt
+// ≥ 1.2.9, else blockpull (also when the versions cannot be read).
+func defaultMethod(hyp virt.Hypervisor) string {
+	if hyp == nil {
+		return MethodPull
+	}
+	qv, err1 := hyp.HypervisorVersion()
+	lv, err2 := hyp.LibVersion()
+	if err1 == nil && err2 == nil && versionAtLeast(qv, "2.1.0") && versionAtLeast(lv, "1.2.9") {
+		return MethodCommit
+	}
+	return MethodPull
+}
+
+// checkDependencies reports every problem (the old script accumulated
+// them) and returns the qemu-img path to use.
+func (a *app) checkDependencies(hyp virt.Hypervisor, connErr error) (string, bool) {
+	ok := true
+	name := a.getenv("FI_BACKUP_QEMU_IMG")
+	if name == "" {
+		name = "qemu-img"
+	}
+	qemuImg, err := exec.LookPath(name)
+	if err != nil {
+		a.p.Err("'%s' cannot be found or executed", name)
+		ok = false
+	}
+	if connErr != nil {
+		a.p.Err("Cannot connect to libvirt: %s", virt.Describe(connErr))
+		return qemuImg, false
+	}
+	lv, err := hyp.LibVersion()
+	switch {
+	case err != nil:
+		a.p.Err("Cannot read libVirt version: %s", virt.Describe(err))
+		ok = false
+	case versionAtLeast(lv, "1.0.0"):
+		a.p.Info("libVirt version '%s' support is experimental", lv)
+	case versionAtLeast(lv, "0.9.13"):
+		a.p.Debug("libVirt version '%s' is supported", lv)
+	default:
+		a.p.Err("Unsupported libVirt version '%s'. Please use libVirt 0.9.13 or later", lv)
+		ok = false
+	}
+	if qemuImg != "" {
+		iv, err := qcow2.Version(qemuImg)
+		switch {
+		case err != nil:
+			a.p.Err("'%s' cannot be found or executed", qemuImg)
+			ok = false
+		case versionAtLeast(iv, "1.2.0"):
+			a.p.Debug("%s version '%s' is supported", qemuImg, iv)
+		default:
+			a.p.Err("Unsupported %s version '%s'. Please use 'qemu-img' 1.2.0 or later", qemuImg, iv)
+			ok = false
+		}
+		if err == nil && versionAtLeast(iv, "2.10.0") {
+			a.p.Debug("%s version '%s' will use --force-share for file access", qemuImg, iv)
+		}
+	}
+	qv, err := hyp.HypervisorVersion()
+	switch {
+	case err != nil:
+		a.p.Err("Cannot read QEMU/KVM version from libvirt: %s", virt.Describe(err))
+		ok = false
+	case versionAtLeast(qv, "1.2.0"):
+		a.p.Debug("QEMU/KVM version '%s' is supported", qv)
+	default:
+		a.p.Err("Unsupported QEMU/KVM version '%s'. Please use QEMU/KVM 1.2.0 or later", qv)
+		ok = false
+	}
+	return qemuImg, ok
+}
+
+type selection struct {
+	running, offline []string
+	failed           bool // a named domain could not be used
+	allKeyword       bool
+}
+
+// selectDomains turns the positional arguments into the running and
+// not-running lists, from libvirt's state enums.
+func (a *app) selectDomains(hyp virt.Hypervisor, o *Options) selection {
+	var sel selection
+	var names []string
+	for _, arg := range o.Args {
+		if arg == "all" {
+			sel.allKeyword = true
+			continue
+		}
+		names = append(names, strings.Fields(arg)...)
+	}
+	seen := map[string]bool{}
+	add := func(list *[]string, n string) {
+		if !seen[n] {
+			seen[n] = true
+			*list = append(*list, n)
+		}
+	}
+	if o.AllRunning || sel.allKeyword {
+		running, err := hyp.List(virt.ListRunning)
+		if err != nil {
+			a.p.Err("Cannot list running domains: %s", virt.Describe(err))
+			sel.failed = true
+		}
+		for _, n := range running {
+			add(&sel.running, n)
+		}
+	}
+	if sel.allKeyword {
+		offline, err := hyp.List(virt.ListShutoffPaused)
+		if err != nil {
+			a.p.Err("Cannot list shut-off domains: %s", virt.Describe(err))
+			sel.failed = true
+		}
+		for _, n := range offline {
+			add(&sel.offline, n)
+		}
+		every, err := hyp.List(virt.ListAll)
+		if err == nil {
+			for _, n := range every {
+				if !seen[n] {
+					a.p.Warn("Skipping domain '%s': it is neither running, paused nor shut off", n)
+				}
+			}
+		}
+	}
+	for _, n := range names {
+		if seen[n] {
+			continue
+		}
+		st, err := domainState(hyp, n)
+		switch {
+		case err != nil:
+			a.p.Err("Cannot find domain '%s': %s", n, virt.Describe(err))
+			sel.failed = true
+			seen[n] = true
+		case st == virt.StateRunning || st == virt.StateBlocked:
+			add(&sel.running, n)
+		case st == virt.StateShutoff || st == virt.StatePaused || st == virt.StateCrashed:
+			add(&sel.offline, n)
+		default:
+			a.p.Err("Domain '%s' is %s: skipping it", n, st)
+			sel.failed = true
+			seen[n] = true
+		}
+	}
+	a.p.Debug("Domains NOTRUNNING to backup: %s", strings.Join(sel.offline, " "))
+	a.p.Debug("Domains RUNNING to backup: %s", strings.Join(sel.running, " "))
+	return sel
+}
+
+func domainState(hyp virt.Hypervisor, name string) (virt.State, error) {
+	d, err := hyp.Lookup(name)
+	if err != nil {
+		return virt.StateNoState, err
+	}
+	defer d.Close()
+	return d.State()
+}

@@ -1,0 +1,119 @@
+// Package logging prints the old fi-backup.sh message lines: "[ERR] ",
+// "[WAR] ", "[INF] ", "[VER] " and "[DEB] " prefixes, all on one writer
+// (stdout in the real program, because wrapper scripts of the old tool read
+// stdout for errors too).
+//
+// Unlike the script, text is printed verbatim: the script ran every line
+// through `echo -e`, which mangled backslashes in paths and domain names (B19).
+package logging
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+)
+
+// Printer writes prefixed lines. It is safe for concurrent use; each call
+// writes one whole message at once so lines of different goroutines never
+// interleave.
+type Printer struct {
+	mu      sync.Mutex
+	w       io.Writer
+	verbose bool
+	debug   bool
+}
+
+// New returns a Printer writing to w. verbose enables [VER] lines, debug
+// enables [DEB] lines (the command line sets verbose too when -d is given).
+func New(w io.Writer, verbose, debug bool) *Printer {
+	return &Printer{w: w, verbose: verbose, debug: debug}
+}
+
+// Verbose reports whether [VER] lines are shown.
+func (p *Printer) Verbose() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.verbose
+}
+
+// Debugging reports whether [DEB] lines are shown.
+func (p *Printer) Debugging() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.debug
+}
+
+func (p *Printer) line(prefix, msg string) {
+	var b strings.Builder
+	b.WriteString(prefix)
+	b.WriteString(msg)
+	b.WriteByte('\n')
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_, _ = io.WriteString(p.w, b.String())
+}
+
+// Err prints an [ERR] line; always shown.
+func (p *Printer) Err(format string, a ...any) { p.line("[ERR] ", fmt.Sprintf(format, a...)) }
+
+// Warn prints a [WAR] line; always shown.
+func (p *Printer) Warn(format string, a ...any) { p.line("[WAR] ", fmt.Sprintf(format, a...)) }
+
+// Info prints an [INF] line; always shown.
+func (p *Printer) Info(format string, a ...any) { p.line("[INF] ", fmt.Sprintf(format, a...)) }
+
+// Verb prints a [VER] line when verbose output is on.
+func (p *Printer) Verb(format string, a ...any) {
+	if p.Verbose() {
+		p.line("[VER] ", fmt.Sprintf(format, a...))
+	}
+}
+
+// Debug prints a [DEB] line when debug output is on.
+func (p *Printer) Debug(format string, a ...any) {
+	if p.Debugging() {
+		p.line("[DEB] ", fmt.Sprintf(format, a...))
+	}
+}
+
+// Raw writes s as it is (used for the usage text).
+func (p *Printer) Raw(s string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_, _ = io.WriteString(p.w, s)
+}
+
+// Buffered returns a Printer with the same levels that writes into its own
+// buffer; Flush copies the buffered text to p in one write. Parallel domain
+// workers use it so one domain's lines stay together.
+func (p *Printer) Buffered() *Buffer {
+	b := &Buffer{}
+	b.Printer = New(&b.buf, p.Verbose(), p.Debugging())
+	b.parent = p
+	return b
+}
+
+// Buffer is a Printer whose output is held until Flush.
+type Buffer struct {
+	*Printer
+	buf    strings.Builder
+	parent *Printer
+}
+
+// Flush writes everything printed so far to the parent Printer.
+func (b *Buffer) Flush() {
+	b.Printer.mu.Lock()
+	s := b.buf.String()
+	b.buf.Reset()
+	b.Printer.mu.Unlock()
+	b.parent.Raw(s)
+}
+
+// SetLevels changes which optional levels are shown (options are acted on
+// in command-line order, so -d may arrive after the Printer exists).
+func (p *Printer) SetLevels(verbose, debug bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.verbose, p.debug = verbose, debug
+}

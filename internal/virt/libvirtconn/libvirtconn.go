@@ -1,0 +1,260 @@
+// Package libvirtconn implements virt.Hypervisor over the cgo bindings
+// libvirt.org/go/libvirt. It is the only package that imports them: every
+// libvirt object is freed here and every libvirt error is translated here.
+package libvirtconn
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+
+	"libvirt.org/go/libvirt"
+
+	"github.com/fi-backup/fi-backup/internal/virt"
+)
+
+var eventLoop struct {
+	once sync.Once
+	err  error
+}
+
+// startEventLoop registers libvirt's default event implementation and runs
+// it in a goroutine. It must happen before the first connection, or event
+// registration fails with "could not initialize domain event timer".
+func startEventLoop() error {
+	eventLoop.once.Do(func() {
+		if err := libvirt.EventRegisterDefaultImpl(); err != nil {
+			eventLoop.err = err
+			return
+		}
+		go func() {
+			for {
+				if err := libvirt.EventRunDefaultImpl(); err != nil {
+					return
+				}
+			}
+		}()
+	})
+	return eventLoop.err
+}
+
+// Conn is a connection to libvirtd.
+type Conn struct {
+	c *libvirt.Connect
+}
+
+var _ virt.Hypervisor = (*Conn)(nil)
+
+// Connect opens uri ("" means libvirt's default, usually qemu:///system).
+func Connect(uri string) (*Conn, error) {
+	if err := startEventLoop(); err != nil {
+		return nil, translate("start libvirt event loop", err)
+	}
+	c, err := libvirt.NewConnect(uri)
+	if err != nil {
+		return nil, translate("connect to libvirt", err)
+	}
+	// Notice a dead daemon within ~15 s instead of hanging on it forever.
+	_ = c.SetKeepAlive(5, 3)
+	return &Conn{c: c}, nil
+}
+
+// Close closes the connection.
+func (c *Conn) Close() error {
+	_, err := c.c.Close()
+	return err
+}
+
+func versionString(v uint32) string {
+	return fmt.Sprintf("%d.%d.%d", v/1000000, (v/1000)%1000, v%1000)
+}
+
+// LibVersion is libvirt's version.
+func (c *Conn) LibVersion() (string, error) {
+	v, err := c.c.GetLibVersion()
+	if err != nil {
+		return "", translate("get libvirt version", err)
+	}
+	return versionString(v), nil
+}
+
+// HypervisorVersion is the QEMU version libvirt reports.
+func (c *Conn) HypervisorVersion() (string, error) {
+	v, err := c.c.GetVersion()
+	if err != nil {
+		return "", translate("get hypervisor version", err)
+	}
+	return versionString(v), nil
+}
+
+// List returns the names of the domains matching f.
+func (c *Conn) List(f virt.Filter) ([]string, error) {
+	var flags libvirt.ConnectListAllDomainsFlags
+	switch f {
+	case virt.ListRunning:
+		flags = libvirt.CONNECT_LIST_DOMAINS_RUNNING
+	case virt.ListShutoffPaused:
+		flags = libvirt.CONNECT_LIST_DOMAINS_SHUTOFF | libvirt.CONNECT_LIST_DOMAINS_PAUSED
+	}
+	doms, err := c.c.ListAllDomains(flags)
+	if err != nil {
+		return nil, translate("list domains", err)
+	}
+	names := make([]string, 0, len(doms))
+	var firstErr error
+	for i := range doms {
+		n, err := doms[i].GetName()
+		if err != nil && firstErr == nil {
+			firstErr = translate("get domain name", err)
+		}
+		if err == nil {
+			names = append(names, n)
+		}
+		_ = doms[i].Free()
+	}
+	sort.Strings(names)
+	return names, firstErr
+}
+
+// Lookup opens a domain by name.
+func (c *Conn) Lookup(name string) (virt.Domain, error) {
+	d, err := c.c.LookupDomainByName(name)
+	if err != nil {
+		return nil, translate("look up domain", err)
+	}
+	return &domain{conn: c, d: d, name: name}, nil
+}
+
+type domain struct {
+	conn *Conn
+	d    *libvirt.Domain
+	name string
+}
+
+var _ virt.Domain = (*domain)(nil)
+
+func (d *domain) Name() string { return d.name }
+
+func (d *domain) Close() error { return d.d.Free() }
+
+func (d *domain) State() (virt.State, error) {
+	st, _, err := d.d.GetState()
+	if err != nil {
+		return virt.StateNoState, translate("get domain state", err)
+	}
+	return virt.State(st), nil
+}
+
+func (d *domain) Disks() ([]virt.Disk, error) {
+	x, err := d.d.GetXMLDesc(0)
+	if err != nil {
+		return nil, translate("get domain XML", err)
+	}
+	return virt.ParseDisks(x)
+}
+
+func (d *domain) InactiveDisks() ([]virt.Disk, error) {
+	x, err := d.d.GetXMLDesc(libvirt.DOMAIN_XML_INACTIVE)
+	if err != nil {
+		return nil, translate("get domain XML", err)
+	}
+	return virt.ParseDisks(x)
+}
+
+func (d *domain) Snapshot(spec virt.SnapshotSpec) error {
+	x, err := virt.SnapshotXML(spec.Name)
+	if err != nil {
+		return err
+	}
+	flags := libvirt.DOMAIN_SNAPSHOT_CREATE_DISK_ONLY |
+		libvirt.DOMAIN_SNAPSHOT_CREATE_ATOMIC |
+		libvirt.DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+	if spec.Quiesce {
+		flags |= libvirt.DOMAIN_SNAPSHOT_CREATE_QUIESCE
+	}
+	snap, err := d.d.CreateSnapshotXML(x, flags)
+	if err != nil {
+		return translate("create snapshot", err)
+	}
+	return snap.Free()
+}
+
+func (d *domain) WatchJobs() (<-chan virt.JobEvent, func(), error) {
+	ch := make(chan virt.JobEvent, 64)
+	id, err := d.conn.c.DomainEventBlockJob2Register(d.d, func(_ *libvirt.Connect, _ *libvirt.Domain, ev *libvirt.DomainEventBlockJob) {
+		select { // never block libvirt's event loop
+		case ch <- virt.JobEvent{Disk: ev.Disk, Status: virt.JobStatus(ev.Status)}:
+		default:
+		}
+	})
+	if err != nil {
+		return nil, nil, translate("register block job events", err)
+	}
+	var once sync.Once
+	stop := func() { once.Do(func() { _ = d.conn.c.DomainEventDeregister(id) }) }
+	return ch, stop, nil
+}
+
+func (d *domain) StartJob(kind virt.JobKind, target, base string) error {
+	switch kind {
+	case virt.JobCommit:
+		if base == "" {
+			return errors.New("blockcommit needs an explicit base")
+		}
+		return translate("start blockcommit", d.d.BlockCommit(target, base, "", 0, libvirt.DOMAIN_BLOCK_COMMIT_ACTIVE))
+	case virt.JobPull:
+		return translate("start blockpull", d.d.BlockPull(target, 0, 0))
+	}
+	return fmt.Errorf("unknown block job kind %d", kind)
+}
+
+func (d *domain) JobInfo(target string) (virt.JobInfo, error) {
+	info, err := d.d.GetBlockJobInfo(target, 0)
+	if err != nil {
+		return virt.JobInfo{}, translate("get block job info", err)
+	}
+	// The Go binding drops C's "0 = no job" return value: an all-zero
+	// struct means no job.
+	active := info.Type != libvirt.DOMAIN_BLOCK_JOB_TYPE_UNKNOWN || info.Cur != 0 || info.End != 0
+	return virt.JobInfo{Active: active, Cur: info.Cur, End: info.End}, nil
+}
+
+func (d *domain) Pivot(target string) error {
+	return translate("pivot block job", d.d.BlockJobAbort(target, libvirt.DOMAIN_BLOCK_JOB_ABORT_PIVOT))
+}
+
+func (d *domain) AbortJob(target string) error {
+	return translate("abort block job", d.d.BlockJobAbort(target, 0))
+}
+
+func (d *domain) Resume() error  { return translate("resume domain", d.d.Resume()) }
+func (d *domain) Suspend() error { return translate("suspend domain", d.d.Suspend()) }
+
+// translate turns a libvirt error into a *virt.Error carrying libvirt's own
+// message and, for the codes the tool reacts to, a sentinel.
+func translate(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	var le libvirt.Error
+	if !errors.As(err, &le) {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	ve := &virt.Error{Op: op, Code: int(le.Code), Msg: le.Message}
+	switch le.Code {
+	case libvirt.ERR_NO_DOMAIN:
+		ve.Kind = virt.ErrNoDomain
+	case libvirt.ERR_OPERATION_INVALID:
+		ve.Kind = virt.ErrNotRunning
+	case libvirt.ERR_AGENT_UNRESPONSIVE, libvirt.ERR_ARGUMENT_UNSUPPORTED:
+		ve.Kind = virt.ErrAgent
+	case libvirt.ERR_BLOCK_COPY_ACTIVE:
+		ve.Kind = virt.ErrJobActive
+	case libvirt.ERR_OPERATION_DENIED:
+		ve.Kind = virt.ErrPermission
+	case libvirt.ERR_NO_CONNECT, libvirt.ERR_RPC, libvirt.ERR_SYSTEM_ERROR:
+		ve.Kind = virt.ErrConnectionLost
+	}
+	return ve
+}

@@ -1,0 +1,200 @@
+// Package virt is the seam between fi-backup and libvirt: the few hypervisor
+// operations the tool needs, in its own types, so that everything but the
+// one cgo package (virt/libvirtconn) builds and unit-tests without libvirt.
+//
+// Calls into libvirt block and take no context; callers check their context
+// between calls.
+package virt
+
+import (
+	"errors"
+	"fmt"
+)
+
+// State is a domain's run state, from libvirt's enum (never from translated
+// virsh text, B17).
+type State int
+
+// Domain states, in libvirt's order.
+const (
+	StateNoState State = iota
+	StateRunning
+	StateBlocked
+	StatePaused
+	StateShutdown
+	StateShutoff
+	StateCrashed
+	StatePMSuspended
+)
+
+func (s State) String() string {
+	switch s {
+	case StateRunning:
+		return "running"
+	case StateBlocked:
+		return "idle"
+	case StatePaused:
+		return "paused"
+	case StateShutdown:
+		return "in shutdown"
+	case StateShutoff:
+		return "shut off"
+	case StateCrashed:
+		return "crashed"
+	case StatePMSuspended:
+		return "pmsuspended"
+	default:
+		return "no state"
+	}
+}
+
+// Filter selects domains for List.
+type Filter int
+
+// List filters matching the old tool's `virsh list` calls.
+const (
+	ListRunning       Filter = iota // virsh list --state-running
+	ListShutoffPaused               // virsh list --all --state-shutoff --state-paused
+	ListAll                         // every defined domain
+)
+
+// Sentinel errors; the cgo layer maps libvirt error codes onto them.
+var (
+	ErrNoDomain       = errors.New("domain not found")
+	ErrNotRunning     = errors.New("domain is not running")
+	ErrAgent          = errors.New("guest agent unavailable")
+	ErrJobActive      = errors.New("block job active")
+	ErrNotReady       = errors.New("block job not ready for pivot")
+	ErrPermission     = errors.New("permission denied")
+	ErrNoJob          = errors.New("no active block job")
+	ErrConnectionLost = errors.New("connection to libvirt lost")
+)
+
+// Error is a libvirt failure with the daemon's own message.
+type Error struct {
+	Op   string // what we asked libvirt to do, e.g. "create snapshot"
+	Code int    // libvirt error code (virErrorNumber)
+	Msg  string // libvirt's message, shown to the user unchanged
+	Kind error  // one of the sentinels above, or nil
+}
+
+func (e *Error) Error() string { return e.Msg }
+
+// Unwrap lets errors.Is match the sentinel.
+func (e *Error) Unwrap() error { return e.Kind }
+
+// Describe renders an error for an [ERR] line: libvirt's own message when
+// there is one, else the Go error text.
+func Describe(err error) string {
+	var ve *Error
+	if errors.As(err, &ve) {
+		return ve.Msg
+	}
+	return fmt.Sprint(err)
+}
+
+// Disk is one <disk> element of a domain definition, with its backing chain
+// as libvirt sees it.
+type Disk struct {
+	Target   string  // target dev, e.g. "vda"
+	Alias    string  // device alias (qdev id without "-" prefixes), e.g. "virtio-disk0"
+	Device   string  // "disk", "cdrom", "floppy", "lun"
+	Type     string  // "file", "block", "network", "volume", ...
+	Source   string  // the active image path; "" for an empty drive or a non-file source
+	Format   string  // driver type of the active image, e.g. "qcow2", "raw"
+	ReadOnly bool    // <readonly/>
+	Snapshot string  // the snapshot attribute: "", "no", "external", "internal"
+	Chain    []Image // Chain[0] is the active image, then its backing files down to the base
+	Complete bool    // the chain ended in libvirt's "no further backing" terminator
+	Mirror   *Mirror // set while a block copy/commit job mirrors this disk
+	ChainErr error   // set when the XML chain could not be read as files (e.g. network backing)
+}
+
+// Image is one file of a backing chain.
+type Image struct {
+	Path   string
+	Format string
+}
+
+// Mirror is the <mirror> state of a disk during a block job.
+type Mirror struct {
+	Job   string // e.g. "active-commit"
+	Ready string // "yes", "no", "abort", "pivot" or ""
+}
+
+// SnapshotSpec describes one external disk-only snapshot.
+type SnapshotSpec struct {
+	Name    string // bimg-YYYYMMDD-HHMMSS
+	Quiesce bool
+}
+
+// JobKind tells which block job to run.
+type JobKind int
+
+// Block job kinds.
+const (
+	JobCommit JobKind = iota // active blockcommit into an explicit base, then pivot
+	JobPull                  // blockpull into the active layer
+)
+
+// JobEvent is a block-job state change for one disk.
+type JobEvent struct {
+	Disk   string
+	Status JobStatus
+}
+
+// JobStatus is the state reported by a block-job event.
+type JobStatus int
+
+// Block job statuses (libvirt's enum order).
+const (
+	JobCompleted JobStatus = iota
+	JobFailed
+	JobCanceled
+	JobReady
+)
+
+// JobInfo is a block job's progress; Active is false when no job runs.
+type JobInfo struct {
+	Active   bool
+	Cur, End uint64
+}
+
+// Hypervisor is a connection to libvirt.
+type Hypervisor interface {
+	// LibVersion is libvirt's version, e.g. "9.0.0".
+	LibVersion() (string, error)
+	// HypervisorVersion is the QEMU version libvirt reports, e.g. "7.2.22".
+	HypervisorVersion() (string, error)
+	// List returns domain names matching f, sorted by name.
+	List(f Filter) ([]string, error)
+	// Lookup opens a domain by name; ErrNoDomain when it does not exist.
+	Lookup(name string) (Domain, error)
+	Close() error
+}
+
+// Domain is one libvirt domain. Close frees it.
+type Domain interface {
+	Name() string
+	State() (State, error)
+	// Disks parses the domain's current XML (live for a running domain).
+	Disks() ([]Disk, error)
+	// InactiveDisks parses the persistent definition.
+	InactiveDisks() ([]Disk, error)
+	// Snapshot takes an external, disk-only, atomic, metadata-less snapshot;
+	// libvirt names the overlays.
+	Snapshot(spec SnapshotSpec) error
+	// StartJob starts a block job on disk target. For JobCommit base is
+	// the image to commit into (never ""); events for the domain's disks are
+	// delivered to the returned channel until stop is called.
+	WatchJobs() (events <-chan JobEvent, stop func(), err error)
+	StartJob(kind JobKind, target, base string) error
+	JobInfo(target string) (JobInfo, error)
+	// Pivot finishes a READY active commit by switching to the base.
+	Pivot(target string) error
+	// AbortJob cancels a job without pivoting.
+	AbortJob(target string) error
+	Resume() error
+	Suspend() error
+	Close() error
+}
