@@ -27,6 +27,7 @@ type optDef struct {
 type scanned struct {
 	def   *optDef
 	value string
+	long  bool // given in its long form
 }
 
 // getoptScan parses args like getopt_long with optstring/longopts built from
@@ -74,9 +75,9 @@ func getoptScan(prog string, defs []optDef, args []string, posixlyCorrect bool, 
 					break
 				}
 				i++
-				opts = append(opts, scanned{def: def, value: args[i]})
+				opts = append(opts, scanned{def: def, value: args[i], long: true})
 			default:
-				opts = append(opts, scanned{def: def, value: value})
+				opts = append(opts, scanned{def: def, value: value, long: true})
 			}
 		case len(arg) > 1 && arg[0] == '-':
 			for j := 1; j < len(arg); j++ {

@@ -102,11 +102,11 @@ func (d *domain) WatchJobs() (<-chan virt.JobEvent, func(), error) {
 	return nil, nil, errUnsupported
 }
 func (d *domain) StartJob(virt.JobKind, string, string) error { return errUnsupported }
-func (d *domain) JobInfo(string) (virt.JobInfo, error)       { return virt.JobInfo{}, nil }
-func (d *domain) Pivot(string) error                         { return errUnsupported }
-func (d *domain) AbortJob(string) error                      { return errUnsupported }
-func (d *domain) Resume() error                              { return errUnsupported }
-func (d *domain) Suspend() error                             { return errUnsupported }
+func (d *domain) JobInfo(string) (virt.JobInfo, error)        { return virt.JobInfo{}, nil }
+func (d *domain) Pivot(string) error                          { return errUnsupported }
+func (d *domain) AbortJob(string) error                       { return errUnsupported }
+func (d *domain) Resume() error                               { return errUnsupported }
+func (d *domain) Suspend() error                              { return errUnsupported }
 func (d *domain) Close() error {
 	d.f.mu.Lock()
 	defer d.f.mu.Unlock()

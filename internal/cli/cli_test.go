@@ -1,0 +1,317 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/fi-backup/fi-backup/internal/lock"
+	"github.com/fi-backup/fi-backup/internal/virt"
+	"github.com/fi-backup/fi-backup/internal/virt/virttest"
+)
+
+type harness struct {
+	fake      *virttest.Fake
+	env       map[string]string
+	lockDir   string
+	connErr   error
+	snapshots []string
+}
+
+func newHarness(t *testing.T, states map[string]virt.State) *harness {
+	h := &harness{fake: virttest.New(states), env: map[string]string{}, lockDir: t.TempDir()}
+	h.env["FI_BACKUP_QEMU_IMG"] = fakeQemuImg(t, "7.2.22")
+	h.fake.Snapshot = func(name string, spec virt.SnapshotSpec) error {
+		h.snapshots = append(h.snapshots, name+"@"+spec.Name)
+		return nil
+	}
+	return h
+}
+
+// fakeQemuImg writes a stand-in qemu-img that only reports a version.
+func fakeQemuImg(t *testing.T, version string) string {
+	p := filepath.Join(t.TempDir(), "qemu-img")
+	require.NoError(t, os.WriteFile(p, []byte("#!/bin/sh\necho 'qemu-img version "+version+" (fake)'\n"), 0o755))
+	return p
+}
+
+func (h *harness) run(t *testing.T, args ...string) (stdout, stderr string, code int) {
+	var so, se bytes.Buffer
+	code = Run(context.Background(), Env{
+		Prog: "./fi-backup", Stdout: &so, Stderr: &se,
+		Getenv: func(k string) string { return h.env[k] },
+		Connect: func(string) (virt.Hypervisor, error) {
+			if h.connErr != nil {
+				return nil, h.connErr
+			}
+			return h.fake, nil
+		},
+		Now:     func() time.Time { return time.Date(2024, 1, 2, 3, 4, 5, 0, time.Local) },
+		LockDir: h.lockDir,
+	}, args)
+	assert.Zero(t, h.fake.OpenDomains(), "every looked-up domain is closed")
+	return so.String(), se.String(), code
+}
+
+func usageWith(msg string) string {
+	return "\n[ERR] " + msg + "\n\n" + strings.Replace(strings.Replace(usageText, "%s", Version, 1), "%s", "./fi-backup", 1)
+}
+
+// TestExitCodeTable covers every row of the old tool's exit-code table
+// (behaviour spec §1.5) and every validation message of §1.3.
+func TestExitCodeTable(t *testing.T) {
+	dir := t.TempDir()
+	cases := []struct {
+		name       string
+		args       []string
+		code       int
+		stdout     string // exact, when set
+		contains   []string
+		stderr     string
+		noSnapshot bool
+	}{
+		{name: "help", args: []string{"-h"}, code: 1, stdout: strings.Replace(strings.Replace(usageText, "%s", Version, 1), "%s", "./fi-backup", 1)},
+		{name: "help long abbreviated", args: []string{"--h"}, code: 1, contains: []string{"   Usage:"}},
+		{name: "version", args: []string{"-V"}, code: 0, stdout: "fi-backup version " + Version + "\n"},
+		{name: "version before bad dir", args: []string{"-V", "-b", "/nonexistent"}, code: 0, stdout: "fi-backup version " + Version + "\n"},
+		{name: "bad dir before version", args: []string{"-b", "/nonexistent", "-V"}, code: 1, stdout: "[ERR] Backup directory '/nonexistent' doesn't exist!\n"},
+		{name: "empty backup dir", args: []string{"-b", "", "dom"}, code: 1, stdout: "[ERR] Backup directory '' doesn't exist!\n"},
+		{name: "missing dump dir", args: []string{"-s", "/nonexistent", "dom"}, code: 1, stdout: "[ERR] Dump state directory '/nonexistent' doesn't exist!\n"},
+		{name: "bad method", args: []string{"-m", "blockcopy", "dom"}, code: 1, stdout: usageWith("-m requires specifying 'blockcommit' or 'blockpull'")},
+		{name: "method is case-sensitive", args: []string{"--method=BlockCommit", "dom"}, code: 1, stdout: usageWith("-m requires specifying 'blockcommit' or 'blockpull'")},
+		{name: "c twice", args: []string{"-c", "-C", "dom"}, code: 1, stdout: usageWith("-c or -C already specified!")},
+		{name: "cc bundled", args: []string{"-cc", "dom"}, code: 1, stdout: usageWith("-c or -C already specified!")},
+		{name: "consolidate and quiesce", args: []string{"-c", "-q", "dom"}, code: 1, stdout: usageWith("consolidation (-c | -C) and quiesce (-q) are not compatible")},
+		{name: "consolidate and dump", args: []string{"-C", "-s", dir, "dom"}, code: 1, stdout: usageWith("consolidation (-c | -C) and dump state (-s) are not compatible")},
+		{name: "quiesce checked before dump", args: []string{"-C", "-s", dir, "-q", "dom"}, code: 1, stdout: usageWith("consolidation (-c | -C) and quiesce (-q) are not compatible")},
+		{name: "dump and quiesce", args: []string{"-s", dir, "-q", "dom"}, code: 1, stdout: usageWith("dump state (-s) and quiesce (-q) are not compatible")},
+		{name: "no domain", args: []string{}, code: 2, contains: []string{"[ERR] <domain name> is missing!"}},
+		{name: "no domain after options", args: []string{"-d", "-b", dir}, code: 2, contains: []string{"[ERR] <domain name> is missing!"}},
+		{name: "all_running plus domain", args: []string{"-r", "dom"}, code: 2, contains: []string{"[ERR] Setting all_running (-r) and specifying domains not compatible"}},
+		{name: "all_running debug line", args: []string{"-d", "-r"}, code: 0, contains: []string{"[DEB] all_running_domains = '1' so all running domains will be backed up\n"}},
+		{name: "getopt invalid option", args: []string{"-x", "dom"}, code: 1, stdout: "-", stderr: "fi-backup: invalid option -- 'x'\nFailed parsing options.\n"},
+		{name: "getopt ambiguous", args: []string{"--cons", "dom"}, code: 1, stdout: "-", stderr: "fi-backup: option '--cons' is ambiguous; possibilities: '--consolidate_only' '--consolidate_and_snapshot'\nFailed parsing options.\n"},
+		{name: "getopt missing argument", args: []string{"dom", "-b"}, code: 1, stdout: "-", stderr: "fi-backup: option requires an argument -- 'b'\nFailed parsing options.\n"},
+		{name: "getopt reports all errors", args: []string{"-x", "--foo"}, code: 1, stdout: "-", stderr: "fi-backup: invalid option -- 'x'\nfi-backup: unrecognized option '--foo'\nFailed parsing options.\n"},
+		{name: "experimental line always shown", args: []string{"dom"}, code: 0, stdout: "[INF] libVirt version '9.0.0' support is experimental\n"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning})
+			so, se, code := h.run(t, tc.args...)
+			assert.Equal(t, tc.code, code, "exit code")
+			switch tc.stdout {
+			case "":
+			case "-":
+				assert.Empty(t, so)
+			default:
+				assert.Equal(t, tc.stdout, so)
+			}
+			for _, c := range tc.contains {
+				assert.Contains(t, so, c)
+			}
+			assert.Equal(t, tc.stderr, se, "stderr")
+		})
+	}
+}
+
+func TestDependencyChecks(t *testing.T) {
+	t.Run("qemu-img missing", func(t *testing.T) {
+		h := newHarness(t, nil)
+		h.env["FI_BACKUP_QEMU_IMG"] = "/nonexistent/qemu-img"
+		so, _, code := h.run(t, "dom")
+		assert.Equal(t, ExitDependency, code)
+		assert.Contains(t, so, "[ERR] '/nonexistent/qemu-img' cannot be found or executed\n")
+	})
+	t.Run("old qemu-img", func(t *testing.T) {
+		h := newHarness(t, nil)
+		h.env["FI_BACKUP_QEMU_IMG"] = fakeQemuImg(t, "1.1.9")
+		so, _, code := h.run(t, "dom")
+		assert.Equal(t, ExitDependency, code)
+		assert.Contains(t, so, "[ERR] Unsupported "+h.env["FI_BACKUP_QEMU_IMG"]+" version '1.1.9'. Please use 'qemu-img' 1.2.0 or later\n")
+	})
+	t.Run("old libvirt and qemu, errors accumulate", func(t *testing.T) {
+		h := newHarness(t, nil)
+		h.fake.Lib, h.fake.QEMU = "0.9.12", "1.1.0"
+		so, _, code := h.run(t) // exit 3 wins over the missing domain (exit 2)
+		assert.Equal(t, ExitDependency, code)
+		assert.Contains(t, so, "[ERR] Unsupported libVirt version '0.9.12'. Please use libVirt 0.9.13 or later\n")
+		assert.Contains(t, so, "[ERR] Unsupported QEMU/KVM version '1.1.0'. Please use QEMU/KVM 1.2.0 or later\n")
+	})
+	t.Run("debug lines", func(t *testing.T) {
+		h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning})
+		h.fake.Lib = "0.9.13"
+		so, _, code := h.run(t, "-d", "dom")
+		assert.Equal(t, 0, code)
+		q := h.env["FI_BACKUP_QEMU_IMG"]
+		assert.Contains(t, so, "[DEB] libVirt version '0.9.13' is supported\n"+
+			"[DEB] "+q+" version '7.2.22' is supported\n"+
+			"[DEB] "+q+" version '7.2.22' will use --force-share for file access\n"+
+			"[DEB] QEMU/KVM version '7.2.22' is supported\n")
+	})
+	t.Run("libvirtd unreachable", func(t *testing.T) {
+		h := newHarness(t, nil)
+		h.connErr = &virt.Error{Msg: "Failed to connect socket to '/var/run/libvirt/libvirt-sock': No such file or directory"}
+		so, _, code := h.run(t, "dom")
+		assert.Equal(t, ExitDependency, code)
+		assert.Contains(t, so, "[ERR] Cannot connect to libvirt: Failed to connect socket")
+	})
+}
+
+func TestDefaultMethod(t *testing.T) {
+	for _, tc := range []struct{ qemu, lib, want string }{
+		{"7.2.22", "9.0.0", "blockcommit"},
+		{"2.1.0", "1.2.9", "blockcommit"},
+		{"2.0.9", "9.0.0", "blockpull"},
+		{"7.2.22", "1.2.8", "blockpull"},
+	} {
+		h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning})
+		h.fake.QEMU, h.fake.Lib = tc.qemu, tc.lib
+		so, _, code := h.run(t, "-dc", "dom")
+		assert.Equal(t, 0, code)
+		assert.Contains(t, so, "[DEB] Consolidation method: "+tc.want+"\n", "qemu %s libvirt %s", tc.qemu, tc.lib)
+	}
+	h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning})
+	so, _, _ := h.run(t, "-dc", "-m", "blockpull", "dom")
+	assert.Contains(t, so, "[DEB] Consolidation method: blockpull\n", "-m overrides the default")
+}
+
+// TestB14LongConsolidateAndSnapshot: the documented long form works (the
+// old script took it for a domain name).
+func TestB14LongConsolidateAndSnapshot(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning})
+	so, _, code := h.run(t, "--consolidate_and_snapshot", "-d", "dom")
+	assert.Equal(t, 0, code)
+	assert.Equal(t, []string{"dom@bimg-20240102-030405"}, h.snapshots)
+	assert.Contains(t, so, "[DEB] Consolidation of block devices for 'dom' requested")
+	assert.Contains(t, so, "[DEB] Domains RUNNING to backup: dom\n", "-d after the option is honoured")
+}
+
+// TestB15B16DomainArguments: every positional argument names domains, one
+// argument may hold several names, nothing is globbed, duplicates run once.
+func TestB15B16DomainArguments(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"a": virt.StateRunning, "b": virt.StateRunning, "c": virt.StateRunning})
+	_, _, code := h.run(t, "a b", "c", "a")
+	assert.Equal(t, 0, code)
+	assert.Equal(t, []string{"a@bimg-20240102-030405", "b@bimg-20240102-030405", "c@bimg-20240102-030405"}, h.snapshots)
+
+	t.Chdir(t.TempDir())
+	require.NoError(t, os.WriteFile("a-glob-match", nil, 0o644))
+	h = newHarness(t, map[string]virt.State{"a": virt.StateRunning})
+	so, _, code := h.run(t, "a*")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] Cannot find domain 'a*': Domain not found: no domain with matching name 'a*'\n")
+	assert.Empty(t, h.snapshots)
+}
+
+// TestB1ExitAggregated: a failed domain is not hidden by a later good one,
+// and the good one still runs.
+func TestB1ExitAggregated(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"good": virt.StateRunning})
+	so, _, code := h.run(t, "missing", "good")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] Cannot find domain 'missing'")
+	assert.Equal(t, []string{"good@bimg-20240102-030405"}, h.snapshots)
+}
+
+// TestB2OfflineExitFromCopies: an offline domain that copied fine exits 0
+// without -d (the old script exited 1 without -d and 0 with it).
+func TestB2OfflineExitFromCopies(t *testing.T) {
+	for _, args := range [][]string{{"-b", t.TempDir(), "off"}, {"-d", "-b", t.TempDir(), "off"}} {
+		h := newHarness(t, map[string]virt.State{"off": virt.StateShutoff})
+		_, _, code := h.run(t, args...)
+		assert.Equal(t, 0, code, "%v", args)
+	}
+	h := newHarness(t, map[string]virt.State{"off": virt.StateShutoff})
+	so, _, code := h.run(t, "-d", "off")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] -b flag (directory) required for backing up the shut-off domain 'off'\n[ERR] Skipping backup of 'off'\n")
+}
+
+func TestStatesAndAll(t *testing.T) {
+	states := map[string]virt.State{"run": virt.StateRunning, "off": virt.StateShutoff, "pause": virt.StatePaused, "sus": virt.StatePMSuspended}
+	h := newHarness(t, states)
+	so, _, code := h.run(t, "-d", "-b", t.TempDir(), "all")
+	assert.Equal(t, 0, code, "skipping a suspended domain under all is a warning")
+	assert.Contains(t, so, "[WAR] Skipping domain 'sus': it is neither running, paused nor shut off\n")
+	assert.Contains(t, so, "[DEB] Domains NOTRUNNING to backup: off pause\n[DEB] Domains RUNNING to backup: run\n")
+
+	h = newHarness(t, states)
+	so, _, code = h.run(t, "-b", t.TempDir(), "sus")
+	assert.Equal(t, 1, code, "a named domain that cannot be backed up fails")
+	assert.Contains(t, so, "[ERR] Domain 'sus' is pmsuspended: skipping it\n")
+
+	h = newHarness(t, states)
+	so, _, code = h.run(t, "-d", "-r")
+	assert.Equal(t, 0, code)
+	assert.Contains(t, so, "[DEB] Domains NOTRUNNING to backup: \n[DEB] Domains RUNNING to backup: run\n")
+}
+
+func TestOfflineWithConsolidation(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"off": virt.StateShutoff})
+	so, _, code := h.run(t, "-c", "-b", t.TempDir(), "off")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] Consolidation only works with running domains. 'off' is not running! Doing full backup only of 'off'\n[ERR] Skipping consolidation/backup of 'off'\n")
+
+	h = newHarness(t, map[string]virt.State{"off": virt.StateShutoff})
+	so, _, code = h.run(t, "-d", "-c", "-b", t.TempDir(), "all")
+	assert.Equal(t, 0, code)
+	assert.Contains(t, so, "[DEB] Doing full backup (not consolidation) of 'off'\n")
+}
+
+// TestB4B6Locking: contention is a failure with the old message; an
+// unusable lock directory is reported as such.
+func TestB4B6Locking(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning})
+	l, err := lock.TryLock(h.lockDir, "dom")
+	require.NoError(t, err)
+	so, _, code := h.run(t, "dom")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] Another instance of ./fi-backup is already running on 'dom'! Skipping backup of 'dom'\n")
+	so, _, code = h.run(t, "-c", "dom")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] Another instance of ./fi-backup is already running on 'dom'! Skipping consolidation of 'dom'\n")
+	require.NoError(t, l.Unlock())
+	_, err = os.Stat(lock.Path(h.lockDir, "dom"))
+	assert.NoError(t, err, "the lock file is never deleted")
+
+	h.lockDir = filepath.Join(t.TempDir(), "missing")
+	so, _, code = h.run(t, "dom")
+	assert.Equal(t, 1, code)
+	assert.NotContains(t, so, "Another instance")
+	assert.Contains(t, so, "[ERR] Cannot lock domain 'dom': open lock file:")
+}
+
+func TestSnapshotFailureMessage(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning})
+	h.fake.Snapshot = func(string, virt.SnapshotSpec) error {
+		return &virt.Error{Code: 1, Msg: "internal error: unable to execute QEMU command 'transaction': Could not create file: Permission denied"}
+	}
+	so, _, code := h.run(t, "dom")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] Snapshot for 'dom' failed! internal error: unable to execute QEMU command 'transaction': Could not create file: Permission denied\n"+
+		"[ERR] Check apparmor status or check if running with sufficient permissions\n")
+	assert.NotContains(t, so, "Exit code: 0", "B13")
+}
+
+func TestVersionCompare(t *testing.T) {
+	for _, tc := range []struct {
+		v, min string
+		ok     bool
+	}{
+		{"7.2.22", "2.10.0", true}, {"2.9.1", "2.10.0", false}, {"2.10.0", "2.10.0", true},
+		{"2.1.3,", "2.1.0", true}, {"", "0.0.1", false}, {"1.2.9", "1.2.10", false}, {"10.0", "9.9.9", true},
+	} {
+		assert.Equal(t, tc.ok, versionAtLeast(tc.v, tc.min), "%s >= %s", tc.v, tc.min)
+	}
+}
+
+var _ = errors.New
