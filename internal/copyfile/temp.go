@@ -1,0 +1,118 @@
+package copyfile
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// tempMarker sits between the destination's base name and the random suffix
+// of a temporary file: "." + base(dst) + tempMarker + suffix.
+const tempMarker = ".fi-backup-tmp-"
+
+// suffixLen is the length of the random hex suffix (8 random bytes). A fixed
+// length lets IsTemp recognise our files strictly.
+const suffixLen = 16
+
+// maxNameLen is NAME_MAX on Linux file systems.
+const maxNameLen = 255
+
+// createAttempts bounds the retries when a temp name is already taken; with 64
+// random bits a second collision means someone is planting names.
+const createAttempts = 16
+
+// tempName returns the temporary name for the destination base name. The base
+// is shortened when needed so the name stays within NAME_MAX.
+func tempName(base, suffix string) string {
+	keep := maxNameLen - 1 - len(tempMarker) - len(suffix)
+	if len(base) > keep {
+		base = base[:keep]
+	}
+	return "." + base + tempMarker + suffix
+}
+
+// randomSuffix returns suffixLen random lowercase hex characters.
+func randomSuffix() (string, error) {
+	var b [suffixLen / 2]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(b[:]), nil
+}
+
+// IsTemp reports whether a base name is one of Copy's temporary files.
+func IsTemp(name string) bool {
+	i := strings.LastIndex(name, tempMarker)
+	if i < 2 || name[0] != '.' {
+		return false // needs "." and a non-empty destination name before the marker
+	}
+	suffix := name[i+len(tempMarker):]
+	if len(suffix) != suffixLen {
+		return false
+	}
+	for _, c := range suffix {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// createTemp creates a new temporary file for dst with mode 0600 and returns
+// its descriptor and path. O_EXCL makes the kernel refuse any existing name,
+// including a planted symlink, so we never write through someone else's file;
+// on a collision it retries with a new suffix. suffix is a parameter so tests
+// can force collisions.
+func createTemp(dst string, suffix func() (string, error)) (fd int, name string, err error) {
+	dir, base := filepath.Dir(dst), filepath.Base(dst)
+	for range createAttempts {
+		s, err := suffix()
+		if err != nil {
+			return -1, "", fmt.Errorf("random suffix: %w", err)
+		}
+		name = filepath.Join(dir, tempName(base, s))
+		fd, err = unix.Open(name, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		if errors.Is(err, unix.EEXIST) {
+			continue
+		}
+		if err != nil {
+			return -1, "", err
+		}
+		return fd, name, nil
+	}
+	return -1, "", unix.EEXIST
+}
+
+// CleanTemps removes leftover temporary files of Copy (from a run that was
+// killed before it could clean up) in dir and returns their paths. Only
+// regular files are removed: a symlink or directory that merely looks like a
+// temp name was not made by Copy and is left alone (and never followed).
+// It keeps going after a failed removal and returns all errors joined.
+// Call it only while no Copy into dir is running: a live temp file looks
+// exactly like a leftover one.
+func CleanTemps(dir string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("clean temps: %w", err)
+	}
+	var removed []string
+	var errs []error
+	for _, e := range entries {
+		if !IsTemp(e.Name()) || !e.Type().IsRegular() {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("clean temps: %w", err))
+			continue
+		}
+		removed = append(removed, p)
+	}
+	return removed, errors.Join(errs...)
+}
