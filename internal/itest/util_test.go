@@ -5,6 +5,7 @@ import (
 	"encoding/xml"
 	"io"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -22,4 +23,15 @@ func parseChainJSON(t *testing.T, out string) []string {
 		chain = append(chain, i.Filename)
 	}
 	return chain
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for i := 0; i < 100; i++ {
+		if cond() {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatal("condition not reached in 5 s")
 }
