@@ -9,6 +9,7 @@ package virt
 import (
 	"errors"
 	"fmt"
+	"os"
 )
 
 // State is a domain's run state, from libvirt's enum (never from translated
@@ -196,5 +197,11 @@ type Domain interface {
 	AbortJob(target string) error
 	Resume() error
 	Suspend() error
+	// QMP sends a raw QMP command and returns QEMU's reply text. A nil
+	// error does not mean QEMU accepted the command: the reply may carry
+	// an "error" member.
+	QMP(cmd string) (string, error)
+	// QMPWithFile is QMP that also passes f to QEMU (for "getfd").
+	QMPWithFile(cmd string, f *os.File) (string, error)
 	Close() error
 }

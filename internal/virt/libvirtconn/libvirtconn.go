@@ -6,6 +6,7 @@ package libvirtconn
 import (
 	"errors"
 	"fmt"
+	"os"
 	"sort"
 	"sync"
 
@@ -226,6 +227,19 @@ func (d *domain) Pivot(target string) error {
 
 func (d *domain) AbortJob(target string) error {
 	return translate("abort block job", d.d.BlockJobAbort(target, 0))
+}
+
+func (d *domain) QMP(cmd string) (string, error) {
+	out, err := d.d.QemuMonitorCommand(cmd, libvirt.DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT)
+	return out, translate("send QMP command", err)
+}
+
+func (d *domain) QMPWithFile(cmd string, f *os.File) (string, error) {
+	out, files, err := d.d.QemuMonitorCommandWithFiles(cmd, []os.File{*f}, libvirt.DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT)
+	for _, of := range files {
+		_ = of.Close()
+	}
+	return out, translate("send QMP command with file", err)
 }
 
 func (d *domain) Resume() error  { return translate("resume domain", d.d.Resume()) }

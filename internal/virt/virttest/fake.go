@@ -6,6 +6,7 @@ package virttest
 
 import (
 	"errors"
+	"os"
 	"sort"
 	"sync"
 
@@ -101,12 +102,14 @@ func (d *domain) Snapshot(spec virt.SnapshotSpec) error {
 func (d *domain) WatchJobs() (<-chan virt.JobEvent, func(), error) {
 	return nil, nil, errUnsupported
 }
-func (d *domain) StartJob(virt.JobKind, string, string) error { return errUnsupported }
-func (d *domain) JobInfo(string) (virt.JobInfo, error)        { return virt.JobInfo{}, nil }
-func (d *domain) Pivot(string) error                          { return errUnsupported }
-func (d *domain) AbortJob(string) error                       { return errUnsupported }
-func (d *domain) Resume() error                               { return errUnsupported }
-func (d *domain) Suspend() error                              { return errUnsupported }
+func (d *domain) StartJob(virt.JobKind, string, string) error  { return errUnsupported }
+func (d *domain) JobInfo(string) (virt.JobInfo, error)         { return virt.JobInfo{}, nil }
+func (d *domain) Pivot(string) error                           { return errUnsupported }
+func (d *domain) AbortJob(string) error                        { return errUnsupported }
+func (d *domain) Resume() error                                { return errUnsupported }
+func (d *domain) Suspend() error                               { return errUnsupported }
+func (d *domain) QMP(string) (string, error)                   { return "", errUnsupported }
+func (d *domain) QMPWithFile(string, *os.File) (string, error) { return "", errUnsupported }
 func (d *domain) Close() error {
 	d.f.mu.Lock()
 	defer d.f.mu.Unlock()
