@@ -44,6 +44,9 @@ func (r *Runner) consolidate(ctx context.Context, dom virt.Domain) error {
 	r.P.Debug("Consolidation of block devices for '%s' requested", name)
 	r.P.Debug("Block devices to be consolidated:\n\t%s", strings.Join(paths, " "))
 	r.P.Debug("Consolidation method: %s", r.Method)
+	// Read the other domains' chains before any job: a commit must not
+	// write into a file they use, and no file they use may be deleted.
+	users, usersOK := r.otherUsers(ctx, name)
 	failed := false
 	for i, d := range disks {
 		if ctx.Err() != nil {
@@ -51,7 +54,7 @@ func (r *Runner) consolidate(ctx context.Context, dom virt.Domain) error {
 			break
 		}
 		r.P.Debug("Consolidation of '%d' block device: '%s' for '%s'", i, d.Source, name)
-		if err := r.consolidateDisk(ctx, dom, d); err != nil {
+		if err := r.consolidateDisk(ctx, dom, d, users, usersOK); err != nil {
 			failed = true // B35: the other disks still get their turn
 		}
 	}
@@ -61,7 +64,7 @@ func (r *Runner) consolidate(ctx context.Context, dom virt.Domain) error {
 	return nil
 }
 
-func (r *Runner) consolidateDisk(ctx context.Context, dom virt.Domain, d virt.Disk) error {
+func (r *Runner) consolidateDisk(ctx context.Context, dom virt.Domain, d virt.Disk, users map[string]string, usersOK bool) error {
 	name := dom.Name()
 	if d.ChainErr != nil || !d.Complete {
 		r.P.Err("Error consolidating block device '%s' for '%s': its backing chain is unknown", d.Source, name)
@@ -76,6 +79,14 @@ func (r *Runner) consolidateDisk(ctx context.Context, dom virt.Domain, d virt.Di
 	kind, base := virt.JobPull, ""
 	if r.Method == "blockcommit" {
 		kind, base = virt.JobCommit, commitBase(before)
+		if u := users[base]; u != "" {
+			r.P.Err("Error consolidating block device '%s' for '%s':\n '%s' is in the backing chain of domain '%s': committing into it would change that domain's disk", d.Source, name, base, u)
+			return ErrFailed
+		}
+		if !usersOK {
+			r.P.Err("Error consolidating block device '%s' for '%s':\n cannot check whether other domains use '%s'", d.Source, name, base)
+			return ErrFailed
+		}
 		r.P.Debug("Committing into '%s'", base)
 	}
 	start := time.Now()
@@ -99,7 +110,7 @@ func (r *Runner) consolidateDisk(ctx context.Context, dom virt.Domain, d virt.Di
 	} else {
 		r.P.Debug("Not deleting 0th element of snapshot_chain (last child) since consolidation method='blockpull'")
 	}
-	r.deleteLeftovers(ctx, name, before, after.Chain)
+	r.deleteLeftovers(name, before, after.Chain, users, usersOK)
 	return nil
 }
 
@@ -249,7 +260,7 @@ func (r *Runner) abortJob(dom virt.Domain, target string) {
 
 // deleteLeftovers removes the files that left the chain in this job, when
 // they carry this tool's overlay name and no other domain uses them.
-func (r *Runner) deleteLeftovers(ctx context.Context, name string, before, after []virt.Image) {
+func (r *Runner) deleteLeftovers(name string, before, after []virt.Image, users map[string]string, usersOK bool) {
 	inAfter := map[string]bool{}
 	for _, img := range after {
 		inAfter[img.Path] = true
@@ -263,10 +274,11 @@ func (r *Runner) deleteLeftovers(ctx context.Context, name string, before, after
 	if len(gone) == 0 {
 		return
 	}
-	users := r.otherUsers(ctx, name)
 	r.P.Verb("Deleting old backing files for '%s'", name)
 	for _, f := range gone {
 		switch {
+		case !usersOK:
+			r.P.Warn("'%s' may be used by another domain (the domain list could not be read). Not deleting it", f)
 		case !virt.IsOverlay(f):
 			r.P.Warn("'%s' doesn't seem to be a backup backing file image. Not deleting it (manual intervention required)", f)
 		case users[f] != "":
@@ -281,34 +293,45 @@ func (r *Runner) deleteLeftovers(ctx context.Context, name string, before, after
 }
 
 // otherUsers maps every image in the chains of the other defined domains to
-// a domain using it.
-func (r *Runner) otherUsers(ctx context.Context, self string) map[string]string {
-	users := map[string]string{}
+// a domain using it. ok is false when some domain's chain could not be
+// read: then nothing may be assumed unused.
+func (r *Runner) otherUsers(ctx context.Context, self string) (users map[string]string, ok bool) {
+	users = map[string]string{}
 	names, err := r.Hyp.List(virt.ListAll)
 	if err != nil {
 		r.P.Warn("Cannot list domains to check shared backing files: %s", virt.Describe(err))
+		return users, false
 	}
+	ok = true
 	for _, n := range names {
 		if n == self {
 			continue
 		}
 		dom, err := r.Hyp.Lookup(n)
+		if errors.Is(err, virt.ErrNoDomain) {
+			continue // undefined meanwhile
+		}
 		if err != nil {
+			ok = false
 			continue
 		}
 		disks, err := dom.Disks()
 		_ = dom.Close()
 		if err != nil {
+			ok = false
 			continue
 		}
 		for _, d := range backupDisks(disks) {
 			chain := d.Chain
 			if !d.Complete { // inactive XML: ask qemu-img
-				if c, err := r.tool().Chain(ctx, d.Source); err == nil {
-					chain = chain[:0]
-					for _, img := range c {
-						chain = append(chain, virt.Image{Path: img.Path})
-					}
+				c, err := r.tool().Chain(ctx, d.Source)
+				if err != nil {
+					// Its chain is unreadable (a missing link, say): what is
+					// listed in the XML is still taken as used.
+					r.P.Debug("Cannot read the chain of '%s' of domain '%s': %v", d.Source, n, err)
+				}
+				for _, img := range c {
+					chain = append(chain, virt.Image{Path: img.Path})
 				}
 			}
 			for _, img := range chain {
@@ -316,5 +339,5 @@ func (r *Runner) otherUsers(ctx context.Context, self string) map[string]string 
 			}
 		}
 	}
-	return users
+	return users, ok
 }

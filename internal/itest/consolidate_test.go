@@ -548,3 +548,38 @@ func TestConsolidateShutoff(t *testing.T) {
 	assert.Equal(t, []string{"disk1.qcow2"}, files(t, d.Dir))
 	assert.Equal(t, "shut off", d.state(t))
 }
+
+// TestConsolidateRefusesSharedBase: when another domain's chain contains
+// the image blockcommit would write into, the commit is refused (it would
+// change that domain's disk under it), the chain stays as it is, exit 1.
+func TestConsolidateRefusesSharedBase(t *testing.T) {
+	a := newDomain(t, "cons-base-a", domOpts{})
+	base := a.Disks[0]
+	a.write(t, 0, 0xe1, "0", "1M")
+	consSnap(t, "-d", a.Name)
+	t1 := a.liveChain(t, "vda")[0]
+	a.write(t, 0, 0xe2, "1M", "1M")
+	consSnap(t, "-d", a.Name)
+	a.write(t, 0, 0xe3, "2M", "1M") // only in the active layer
+	before := a.liveChain(t, "vda")
+	// A clone of restore point T1, defined but shut off: its chain holds base.
+	c := newDomain(t, "cons-base-c", domOpts{disks: []string{"clone.qcow2"}, backing: map[string]string{"clone.qcow2": t1}, noStart: true})
+	baseSum := consSHA256(t, base)
+
+	r := run(t, "-d", "-c", a.Name)
+	assert.Equal(t, 1, r.Code)
+	assert.Contains(t, r.Stdout, fmt.Sprintf("'%s' is in the backing chain of domain '%s': committing into it would change that domain's disk", base, c.Name))
+	assert.Equal(t, before, a.liveChain(t, "vda"), "chain unchanged")
+	assert.Equal(t, baseSum, consSHA256(t, base), "the shared base is untouched")
+	consReads(t, c.Disks[0], 0xe1, "0", "1M")
+	consReads(t, c.Disks[0], 0xe2, "1M", "1M")
+	consReads(t, c.Disks[0], 0x00, "2M", "1M")
+	a.consRunning(t)
+
+	// blockpull writes only into the active layer: allowed, and the shared files stay.
+	r = run(t, "-d", "-m", "blockpull", "-c", a.Name)
+	assert.Equal(t, 0, r.Code)
+	assert.FileExists(t, t1)
+	assert.FileExists(t, base)
+	assert.Equal(t, baseSum, consSHA256(t, base))
+}
