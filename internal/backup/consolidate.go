@@ -164,9 +164,26 @@ func (r *Runner) runJob(ctx context.Context, dom virt.Domain, kind virt.JobKind,
 		return err
 	}
 	defer stop()
+	kindName := "blockpull"
+	if kind == virt.JobCommit {
+		kindName = "blockcommit"
+	}
+	if err := r.writeJournal(jobJournal{Domain: dom.Name(), Disk: target, Kind: kindName, Base: base}); err != nil {
+		return fmt.Errorf("write job journal: %w", err)
+	}
+	// Removed only on paths where the job is known to be over; a process
+	// killed in between leaves it for the next run's recoverJobs.
+	done := false
+	defer func() {
+		if done {
+			r.clearJournal(dom.Name())
+		}
+	}()
 	if err := dom.StartJob(kind, target, base); err != nil {
+		done = true
 		return err
 	}
+	defer func() { done = true }()
 	timeout := r.JobTimeout
 	if timeout <= 0 {
 		timeout = 30 * time.Minute

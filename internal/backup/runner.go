@@ -92,6 +92,9 @@ func (r *Runner) Online(ctx context.Context, name string) error {
 		return ErrFailed
 	}
 	defer dom.Close()
+	if err := r.recoverJobs(dom); err != nil {
+		return err
+	}
 	if r.Snapshot {
 		if err := r.snapshotAndCopy(ctx, dom); err != nil {
 			return err // B9: no consolidation after a failed snapshot or copy
