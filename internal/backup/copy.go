@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
@@ -24,6 +23,7 @@ const sourceXattr = "user.fi-backup.source"
 // base first so every copy's parent already exists when its backing
 // reference is rewritten. preserve selects cp -up (offline) over cp -u.
 func (r *Runner) copyChain(ctx context.Context, domName string, imgs []virt.Image, preserve bool) error {
+	r.cleanTemps()
 	failed := false
 	for i := len(imgs) - 1; i >= 0; i-- {
 		if err := ctx.Err(); err != nil {
@@ -90,7 +90,6 @@ func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image
 		// still points at the host path: make it self-contained.
 		return r.fixBacking(ctx, dst, backing, parent, preserve)
 	}
-	removeStaleTemps(dst)
 	if dstInfo != nil {
 		if err := r.keepGeneration(ctx, dst, src, dstInfo); err != nil {
 			return fail("Unable to keep the previous copy '%s': %v", dst, err)
@@ -222,20 +221,19 @@ func dependants(dir, name, srcPath string) ([]string, error) {
 	return out, nil
 }
 
-// removeStaleTemps deletes temporary files an interrupted run left for dst.
-// The domain lock and the B12 check mean nobody else writes this name.
-func removeStaleTemps(dst string) {
-	matches, _ := filepath.Glob(filepath.Join(filepath.Dir(dst), "."+globEscape(filepath.Base(dst))+".fi-backup-tmp-*"))
-	for _, m := range matches {
-		if copyfile.IsTemp(filepath.Base(m)) {
-			_ = os.Remove(m)
+// cleanTemps removes, once per run, the temporary copies interrupted runs
+// left in the backup directory. Copies still being written by another
+// fi-backup (another domain sharing the directory) are locked and kept.
+func (r *Runner) cleanTemps() {
+	r.cleanOnce.Do(func() {
+		removed, err := copyfile.CleanTemps(r.BackupDir)
+		for _, p := range removed {
+			r.P.Debug("Removed '%s' left by an interrupted copy", p)
 		}
-	}
-}
-
-func globEscape(s string) string {
-	r := strings.NewReplacer(`\`, `\\`, `*`, `\*`, `?`, `\?`, `[`, `\[`)
-	return r.Replace(s)
+		if err != nil {
+			r.P.Warn("Could not remove every leftover temporary copy: %v", err)
+		}
+	})
 }
 
 func getSource(path string) string {

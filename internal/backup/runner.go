@@ -44,8 +44,9 @@ type Runner struct {
 	AllKeyword  bool // the positional argument was "all"
 	PollEvery   time.Duration
 
-	claimsMu sync.Mutex
-	claims   map[string]string // backup file → source it holds in this run (B12)
+	cleanOnce sync.Once
+	claimsMu  sync.Mutex
+	claims    map[string]string // backup file → source it holds in this run (B12)
 }
 
 // ErrFailed marks a domain whose failure has already been reported.

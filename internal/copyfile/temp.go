@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -84,18 +85,62 @@ func createTemp(dst string, suffix func() (string, error)) (fd int, name string,
 		if err != nil {
 			return -1, "", err
 		}
+		// The lock marks the file as alive until the descriptor is closed
+		// (after the rename, or by the kernel when the process dies), so
+		// CleanTemps in another process never removes it.
+		if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			unix.Close(fd)
+			unix.Unlink(name)
+			return -1, "", fmt.Errorf("lock temp: %w", err)
+		}
 		return fd, name, nil
 	}
 	return -1, "", unix.EEXIST
+}
+
+// tempGrace protects a temp file in the instant between its creation and
+// its flock.
+var tempGrace = 2 * time.Second
+
+// removeIfStale removes p when no live Copy holds it: the file is opened
+// without following links and locked; a lock held by a running Copy, or a
+// file younger than tempGrace, is left alone.
+func removeIfStale(p string) (bool, error) {
+	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return false, nil
+		}
+		return false, err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return false, err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || time.Since(time.Unix(st.Mtim.Unix())) < tempGrace {
+		return false, nil
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return false, nil // a Copy is writing it
+		}
+		return false, err
+	}
+	if err := unix.Unlink(p); err != nil && !errors.Is(err, unix.ENOENT) {
+		return false, err
+	}
+	return true, nil
 }
 
 // CleanTemps removes leftover temporary files of Copy (from a run that was
 // killed before it could clean up) in dir and returns their paths. Only
 // regular files are removed: a symlink or directory that merely looks like a
 // temp name was not made by Copy and is left alone (and never followed).
+// A temp file that a running Copy (in any process) is still writing is
+// flock'ed by it and skipped, so CleanTemps is safe while other copies into
+// dir run; files younger than a few seconds are skipped too.
 // It keeps going after a failed removal and returns all errors joined.
-// Call it only while no Copy into dir is running: a live temp file looks
-// exactly like a leftover one.
 func CleanTemps(dir string) ([]string, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -108,11 +153,14 @@ func CleanTemps(dir string) ([]string, error) {
 			continue
 		}
 		p := filepath.Join(dir, e.Name())
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		ok, err := removeIfStale(p)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("clean temps: %w", err))
 			continue
 		}
-		removed = append(removed, p)
+		if ok {
+			removed = append(removed, p)
+		}
 	}
 	return removed, errors.Join(errs...)
 }

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -133,4 +134,37 @@ func assertFile(t *testing.T, path, want string) {
 	got, err := os.ReadFile(path)
 	require.NoError(t, err)
 	assert.Equal(t, want, string(got), path)
+}
+
+func init() {
+	// The package's tests create and clean temp files within milliseconds;
+	// TestCleanTempsSkipsLiveAndFresh restores the grace period it tests.
+	tempGrace = 0
+}
+
+// TestCleanTempsSkipsLiveAndFresh: a temp file a running Copy holds (its
+// flock) survives CleanTemps from another run sharing the directory; so does
+// a just-created one; a dead writer's file goes.
+func TestCleanTempsSkipsLiveAndFresh(t *testing.T) {
+	dir := t.TempDir()
+	fd, name, err := createTemp(filepath.Join(dir, "disk.qcow2"), randomSuffix)
+	require.NoError(t, err)
+	removed, err := CleanTemps(dir)
+	require.NoError(t, err)
+	assert.Empty(t, removed, "a live copy's temp file is kept")
+	assert.FileExists(t, name)
+	require.NoError(t, unix.Close(fd)) // the writer is gone
+	removed, err = CleanTemps(dir)
+	require.NoError(t, err)
+	assert.Equal(t, []string{name}, removed)
+
+	tempGrace = time.Hour
+	defer func() { tempGrace = 0 }()
+	fd, name, err = createTemp(filepath.Join(dir, "disk.qcow2"), randomSuffix)
+	require.NoError(t, err)
+	require.NoError(t, unix.Close(fd))
+	removed, err = CleanTemps(dir)
+	require.NoError(t, err)
+	assert.Empty(t, removed, "a file younger than the grace period is kept")
+	assert.FileExists(t, name)
 }

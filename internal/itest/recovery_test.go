@@ -54,3 +54,47 @@ func TestRecoverKilledBlockcommit(t *testing.T) {
 	d.consFlush(t, 0)
 	consReads(t, orig, 0x7a, "0", "512M")
 }
+
+// TestRecoverKilledCopy: SIGKILL in the middle of a large copy leaves only a
+// temporary file, which no later run takes for a copy; the rerun removes it
+// and copies the file completely.
+func TestRecoverKilledCopy(t *testing.T) {
+	d := newDomain(t, "recover-copy", domOpts{})
+	virsh(t, "blockresize", d.Name, "vda", "2G")
+	d.consWriteMiB(t, 0, 0x5c, 0, 1024, 64)
+	d.consFlush(t, 0)
+	base := d.Disks[0]
+	bk := t.TempDir()
+	nextSecond()
+	cmd, out := consStart(t, "-d", "-b", bk, d.Name)
+	var temp string
+	require.True(t, consWaitFor(60*time.Second, func() bool {
+		for _, f := range files(t, bk) {
+			if strings.Contains(f, ".fi-backup-tmp-") {
+				temp = f
+				return true
+			}
+		}
+		return false
+	}), "no temporary copy appeared:\n%s", out.String())
+	require.NoError(t, syscall.Kill(cmd.Process.Pid, syscall.SIGKILL))
+	consWait(t, cmd, 30*time.Second)
+	left := files(t, bk)
+	if !assert.NotContains(t, left, "disk1.qcow2", "killed before the rename") {
+		t.Skip("the copy finished before the kill; nothing to recover")
+	}
+	assert.Contains(t, left, temp)
+	assert.Equal(t, "running", d.state(t))
+
+	time.Sleep(2500 * time.Millisecond) // CleanTemps spares files younger than 2 s
+	nextSecond()
+	r := run(t, "-d", "-b", bk, d.Name)
+	require.Equal(t, 0, r.Code)
+	assert.Contains(t, r.Stdout, "[DEB] Removed '"+bk+"/"+temp+"' left by an interrupted copy")
+	for _, f := range files(t, bk) {
+		assert.NotContains(t, f, ".fi-backup-tmp-")
+	}
+	out2, err := exec.Command("qemu-img", "compare", "-U", base, bk+"/disk1.qcow2").CombinedOutput()
+	assert.NoError(t, err, "the rerun's copy equals the source: %s", out2)
+	checkImages(t, assertSelfContained(t, bk+"/"+overlays(t, bk)[0])...)
+}
