@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
 
 	"github.com/fi-backup/fi-backup/internal/backup"
 	"github.com/fi-backup/fi-backup/internal/lock"
@@ -264,6 +265,12 @@ func (a *app) selectDomains(hyp virt.Hypervisor, o *Options) selection {
 			sel.allKeyword = true
 			continue
 		}
+		// "dom1 dom2" in one argument names two domains, as before; but a
+		// domain whose own name has a space is taken whole when it exists.
+		if strings.ContainsFunc(arg, unicode.IsSpace) && domainExists(hyp, arg) {
+			names = append(names, arg)
+			continue
+		}
 		names = append(names, strings.Fields(arg)...)
 	}
 	seen := map[string]bool{}
@@ -324,6 +331,15 @@ func (a *app) selectDomains(hyp virt.Hypervisor, o *Options) selection {
 	a.p.Debug("Domains NOTRUNNING to backup: %s", strings.Join(sel.offline, " "))
 	a.p.Debug("Domains RUNNING to backup: %s", strings.Join(sel.running, " "))
 	return sel
+}
+
+func domainExists(hyp virt.Hypervisor, name string) bool {
+	d, err := hyp.Lookup(name)
+	if err != nil {
+		return false
+	}
+	_ = d.Close()
+	return true
 }
 
 func domainState(hyp virt.Hypervisor, name string) (virt.State, error) {

@@ -315,3 +315,12 @@ func TestVersionCompare(t *testing.T) {
 }
 
 var _ = errors.New
+
+// TestDomainNameWithSpace: an argument that is the exact name of an
+// existing domain is taken whole; otherwise it is split as before.
+func TestDomainNameWithSpace(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"my vm": virt.StateRunning, "a": virt.StateRunning, "b": virt.StateRunning})
+	_, _, code := h.run(t, "my vm", "a b")
+	assert.Equal(t, 0, code)
+	assert.Equal(t, []string{"my vm@bimg-20240102-030405", "a@bimg-20240102-030405", "b@bimg-20240102-030405"}, h.snapshots)
+}
