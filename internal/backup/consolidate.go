@@ -171,19 +171,23 @@ func (r *Runner) runJob(ctx context.Context, dom virt.Domain, kind virt.JobKind,
 	if err := r.writeJournal(jobJournal{Domain: dom.Name(), Disk: target, Kind: kindName, Base: base}); err != nil {
 		return fmt.Errorf("write job journal: %w", err)
 	}
-	// Removed only on paths where the job is known to be over; a process
-	// killed in between leaves it for the next run's recoverJobs.
-	done := false
-	defer func() {
-		if done {
-			r.clearJournal(dom.Name())
-		}
-	}()
 	if err := dom.StartJob(kind, target, base); err != nil {
-		done = true
+		r.clearJournal(dom.Name())
 		return err
 	}
-	defer func() { done = true }()
+	over, err := r.waitJob(ctx, dom, events, kind, target)
+	// The journal goes only when the job is known to be over; a process
+	// killed, or a connection lost, before that leaves it for the next
+	// run's recoverJobs.
+	if over {
+		r.clearJournal(dom.Name())
+	}
+	return err
+}
+
+// waitJob waits for the job's end; over reports whether libvirt no longer
+// runs it (finished, pivoted, failed, or aborted by us).
+func (r *Runner) waitJob(ctx context.Context, dom virt.Domain, events <-chan virt.JobEvent, kind virt.JobKind, target string) (over bool, err error) {
 	timeout := r.JobTimeout
 	if timeout <= 0 {
 		timeout = 30 * time.Minute
@@ -195,11 +199,9 @@ func (r *Runner) runJob(ctx context.Context, dom virt.Domain, kind virt.JobKind,
 	for {
 		select {
 		case <-ctx.Done():
-			r.abortJob(dom, target)
-			return fmt.Errorf("interrupted: block job aborted, '%s' stays on its previous chain", target)
+			return r.abortJob(dom, target), fmt.Errorf("interrupted: block job aborted, '%s' stays on its previous chain", target)
 		case <-deadline.C:
-			r.abortJob(dom, target)
-			return fmt.Errorf("%w: not finished after %s; job aborted, the disk stays on its previous chain", ErrJobTimeout, timeout)
+			return r.abortJob(dom, target), fmt.Errorf("%w: not finished after %s; job aborted, the disk stays on its previous chain", ErrJobTimeout, timeout)
 		case ev := <-events:
 			if ev.Disk != target {
 				continue
@@ -211,23 +213,22 @@ func (r *Runner) runJob(ctx context.Context, dom virt.Domain, kind virt.JobKind,
 				}
 			case virt.JobCompleted:
 				if kind == virt.JobPull {
-					return nil
+					return true, nil
 				}
 			case virt.JobFailed:
-				return errors.New("block job failed")
+				return true, errors.New("block job failed")
 			case virt.JobCanceled:
-				return errors.New("block job was cancelled")
+				return true, errors.New("block job was cancelled")
 			}
 		case <-tick.C:
-			done, err := r.pollJob(dom, kind, target)
-			if err != nil {
-				return err
-			}
-			if done && kind == virt.JobCommit {
+			ready, err := r.pollJob(dom, kind, target)
+			switch {
+			case err != nil:
+				return false, err
+			case ready && kind == virt.JobCommit:
 				return r.pivot(ctx, dom, target)
-			}
-			if done {
-				return nil
+			case ready:
+				return true, nil
 			}
 		}
 	}
@@ -249,30 +250,35 @@ func (r *Runner) pollJob(dom virt.Domain, kind virt.JobKind, target string) (boo
 	return !info.Active, nil
 }
 
-func (r *Runner) pivot(ctx context.Context, dom virt.Domain, target string) error {
+func (r *Runner) pivot(ctx context.Context, dom virt.Domain, target string) (over bool, err error) {
 	for attempt := 0; ; attempt++ {
 		err := dom.Pivot(target)
-		if err == nil || !errors.Is(err, virt.ErrJobActive) || attempt >= 20 || ctx.Err() != nil {
-			if err != nil {
-				r.abortJob(dom, target)
-			}
-			return err
+		switch {
+		case err == nil:
+			return true, nil
+		case !errors.Is(err, virt.ErrJobActive) || attempt >= 20 || ctx.Err() != nil:
+			return r.abortJob(dom, target), err
 		}
 		time.Sleep(r.pollEvery()) // READY seen but libvirt not there yet
 	}
 }
 
 // abortJob cancels the job and waits (bounded) until libvirt reports it
-// gone, so no job is left dangling when the tool exits.
-func (r *Runner) abortJob(dom virt.Domain, target string) {
+// gone, so no job is left dangling when the tool exits; it reports whether
+// the job is gone.
+func (r *Runner) abortJob(dom virt.Domain, target string) bool {
 	_ = dom.AbortJob(target)
 	for i := 0; i < 150; i++ {
 		info, err := dom.JobInfo(target)
-		if err != nil || !info.Active {
-			return
+		if err == nil && !info.Active {
+			return true
+		}
+		if err != nil && errors.Is(err, virt.ErrNotRunning) {
+			return true // the domain is gone, and its jobs with it
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	return false
 }
 
 // deleteLeftovers removes the files that left the chain in this job, when

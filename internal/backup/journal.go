@@ -82,8 +82,7 @@ func (r *Runner) recoverJobs(dom virt.Domain) error {
 	}
 	if info.Active {
 		r.P.Warn("Aborting the %s job on disk '%s' of '%s' left by an interrupted fi-backup run (pid %d); the disk stays on its previous chain", j.Kind, j.Disk, dom.Name(), j.PID)
-		r.abortJob(dom, j.Disk)
-		if info, err := dom.JobInfo(j.Disk); err != nil || info.Active {
+		if !r.abortJob(dom, j.Disk) {
 			r.P.Err("The block job on disk '%s' of '%s' is still active", j.Disk, dom.Name())
 			return ErrFailed
 		}
