@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -138,5 +139,71 @@ func TestSharedBackupDirConcurrent(t *testing.T) {
 	for _, f := range []string{"a.qcow2", "b.qcow2"} {
 		out, err := exec.Command("qemu-img", "compare", "-U", filepath.Join(map[string]string{"a.qcow2": a.Dir, "b.qcow2": b.Dir}[f], f), filepath.Join(bk, f)).CombinedOutput()
 		assert.NoError(t, err, "%s: %s", f, out)
+	}
+}
+
+// TestB12NameClash: two different sources that would land on one name in
+// the flat backup directory fail the domain instead of overwriting, within
+// one run and across runs (the copy records its source in an xattr).
+func TestB12NameClash(t *testing.T) {
+	other := filepath.Join(t.TempDir(), "other dir")
+	require.NoError(t, os.Mkdir(other, 0o755))
+	clash := filepath.Join(other, "disk1.qcow2")
+	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", clash, "16M")
+	xml := "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='" + xmlEscape(clash) + "'/><target dev='vdb' bus='virtio'/></disk>"
+	d := newDomain(t, "b12", domOpts{extra: xml})
+	bk := t.TempDir()
+	r := run(t, "-b", bk, d.Name)
+	assert.Equal(t, 1, r.Code)
+	assert.Contains(t, r.Stdout, "would both be backed up as '"+filepath.Join(bk, "disk1.qcow2")+"': refusing to overwrite one with the other")
+	assert.Equal(t, "running", d.state(t))
+
+	// Across runs: another domain's disk1.qcow2 already lives in the directory.
+	e := newDomain(t, "b12-other", domOpts{})
+	bk2 := t.TempDir()
+	require.Equal(t, 0, run(t, "-b", bk2, e.Name).Code)
+	sum := consSHA256(t, filepath.Join(bk2, "disk1.qcow2"))
+	f := newDomain(t, "b12-third", domOpts{})
+	r = run(t, "-b", bk2, f.Name)
+	assert.Equal(t, 1, r.Code)
+	assert.Contains(t, r.Stdout, "already holds a copy of '"+e.Disks[0]+"': refusing to overwrite it with '"+f.Disks[0]+"'")
+	assert.Equal(t, sum, consSHA256(t, filepath.Join(bk2, "disk1.qcow2")), "the first domain's copy is untouched")
+}
+
+// TestSignalDuringCopy: SIGTERM and SIGINT while a large file is copied:
+// exit 143/130, no temporary file left, lock released, guest running.
+func TestSignalDuringCopy(t *testing.T) {
+	d := newDomain(t, "sig-copy", domOpts{})
+	virsh(t, "blockresize", d.Name, "vda", "2G")
+	d.consWriteMiB(t, 0, 0x6b, 0, 1024, 64)
+	d.consFlush(t, 0)
+	for _, tc := range []struct {
+		sig  syscall.Signal
+		code int
+	}{{syscall.SIGTERM, 143}, {syscall.SIGINT, 130}} {
+		bk := t.TempDir()
+		nextSecond()
+		cmd, out := consStart(t, "-d", "-b", bk, d.Name)
+		require.True(t, consWaitFor(60e9, func() bool {
+			for _, f := range files(t, bk) {
+				if strings.Contains(f, ".fi-backup-tmp-") {
+					return true
+				}
+			}
+			return false
+		}), "the copy did not start:\n%s", out.String())
+		require.NoError(t, syscall.Kill(cmd.Process.Pid, tc.sig))
+		code := consWait(t, cmd, 60e9)
+		t.Logf("%s → %d\n%s", tc.sig, code, out.String())
+		if code == 0 {
+			t.Logf("the copy won the race against %s", tc.sig)
+			continue
+		}
+		assert.Equal(t, tc.code, code)
+		assert.Contains(t, out.String(), "[ERR] Interrupted by "+tc.sig.String())
+		assert.Empty(t, files(t, bk), "no partial or temporary file")
+		assert.Equal(t, "running", d.state(t))
+		checkImages(t, d.liveChain(t, "vda")...)
+		require.NoError(t, exec.Command("flock", "-n", "/var/lock/"+d.Name+".fi-backup.lock", "true").Run(), "lock released")
 	}
 }
