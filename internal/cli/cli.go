@@ -15,6 +15,8 @@ import (
 	"time"
 	"unicode"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/fi-backup/fi-backup/internal/backup"
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/logging"
@@ -63,7 +65,7 @@ func Main(args []string, connect func(string) (virt.Hypervisor, error)) int {
 
 type signalError struct{ sig syscall.Signal }
 
-func (e signalError) Error() string { return "interrupted by " + e.sig.String() }
+func (e signalError) Error() string { return "interrupted by " + unix.SignalName(e.sig) }
 
 // Run is the whole program; it returns the exit code.
 func Run(ctx context.Context, env Env, args []string) int {
@@ -82,7 +84,7 @@ func Run(ctx context.Context, env Env, args []string) int {
 	code := a.run(ctx, o)
 	var se signalError
 	if errors.As(context.Cause(ctx), &se) {
-		a.p.Err("Interrupted by %s: stopped after cleaning up", se.sig)
+		a.p.Err("Interrupted by %s: stopped after cleaning up", unix.SignalName(se.sig))
 		return 128 + int(se.sig)
 	}
 	return code

@@ -457,7 +457,7 @@ func TestConsolidateSignal(t *testing.T) {
 	t.Logf("fi-backup -d -c %s (SIGTERM) → %d\n%s", d.Name, code, out.String())
 	switch code {
 	case 143:
-		assert.True(t, consHasLine(out.String(), "[ERR] Interrupted by terminated: stopped after cleaning up"))
+		assert.True(t, consHasLine(out.String(), "[ERR] Interrupted by SIGTERM: stopped after cleaning up"))
 		assert.False(t, consHasLine(out.String(), consVerLine(before[0], d.Name)))
 		assert.Equal(t, before, d.liveChain(t, "vda"), "interrupted: the previous chain stays")
 		assert.FileExists(t, before[0])

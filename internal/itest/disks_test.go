@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // TestDiskKinds: a cdrom with media and an empty one are neither
@@ -200,7 +201,7 @@ func TestSignalDuringCopy(t *testing.T) {
 			continue
 		}
 		assert.Equal(t, tc.code, code)
-		assert.Contains(t, out.String(), "[ERR] Interrupted by "+tc.sig.String())
+		assert.Contains(t, out.String(), "[ERR] Interrupted by "+unix.SignalName(tc.sig)+": stopped after cleaning up")
 		assert.Empty(t, files(t, bk), "no partial or temporary file")
 		assert.Equal(t, "running", d.state(t))
 		checkImages(t, d.liveChain(t, "vda")...)
