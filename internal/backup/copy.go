@@ -25,6 +25,7 @@ const sourceXattr = "user.fi-backup.source"
 func (r *Runner) copyChain(ctx context.Context, domName string, imgs []virt.Image, preserve bool) error {
 	r.cleanTemps()
 	failed := false
+	parentReplaced := false
 	for i := len(imgs) - 1; i >= 0; i-- {
 		if err := ctx.Err(); err != nil {
 			r.P.Err("Copy of '%s' interrupted", imgs[i].Path)
@@ -34,7 +35,9 @@ func (r *Runner) copyChain(ctx context.Context, domName string, imgs []virt.Imag
 		if i+1 < len(imgs) {
 			parent = &imgs[i+1]
 		}
-		if err := r.copyOne(ctx, imgs[i], parent, preserve); err != nil {
+		var err error
+		parentReplaced, err = r.copyOne(ctx, imgs[i], parent, preserve, parentReplaced)
+		if err != nil {
 			failed = true
 			// A copy whose parent failed would depend on a stale or missing
 			// parent: stop this chain here.
@@ -47,16 +50,21 @@ func (r *Runner) copyChain(ctx context.Context, domName string, imgs []virt.Imag
 	return nil
 }
 
-func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, preserve bool) error {
+// copyOne copies one chain file. parentReplaced says the parent's copy got
+// new content in this run (its old content kept as a generation): then the
+// existing copy of src, whose data only means something on top of the old
+// parent, is kept as a generation too and src is copied again, even when src
+// itself did not change. replaced reports the same for src.
+func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, preserve, parentReplaced bool) (replaced bool, err error) {
 	dst := filepath.Join(r.BackupDir, filepath.Base(src.Path))
 	if preserve {
 		r.P.Debug("Backing up: cp -up %s %s/", src.Path, r.BackupDir)
 	} else {
 		r.P.Verb("Copy backing file '%s' to '%s'", src.Path, dst)
 	}
-	fail := func(format string, a ...any) error {
+	fail := func(format string, a ...any) (bool, error) {
 		r.P.Err(format, a...)
-		return ErrFailed
+		return false, ErrFailed
 	}
 	if prev, ok := r.claim(dst, src.Path); !ok {
 		return fail("'%s' and '%s' would both be backed up as '%s': refusing to overwrite one with the other", prev, src.Path, dst)
@@ -79,16 +87,17 @@ func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image
 	if err != nil {
 		return fail("Unable to copy '%s' to '%s': %v", src.Path, dst, err)
 	}
+	if !need && parentReplaced {
+		need, reason = true, "its parent's copy was replaced"
+	}
 	r.P.Debug("'%s': %s", dst, reason)
 	backing := ""
 	if parent != nil {
 		backing = filepath.Base(parent.Path)
 	}
 	if !need {
-		// A run killed between rename and rebase cannot happen (the rebase
-		// is done on the temporary file), but a copy made by the old script
-		// still points at the host path: make it self-contained.
-		return r.fixBacking(ctx, dst, backing, parent, preserve)
+		narrowMode(dst, dstInfo, sst)
+		return false, r.fixBacking(ctx, dst, backing, parent, preserve)
 	}
 	if dstInfo != nil {
 		if err := r.keepGeneration(ctx, dst, src, dstInfo); err != nil {
@@ -115,18 +124,29 @@ func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image
 		return fail("Unable to copy '%s' to '%s': %v", src.Path, dst, err)
 	}
 	r.P.Debug("Copied %d bytes of '%s' in %s", st.Bytes, src.Path, fmtDur(time.Since(start)))
-	return nil
+	return dstInfo != nil, nil
 }
 
-// fixBacking makes an existing copy reference its parent copy by relative
-// name.
+// narrowMode keeps an up-to-date copy from staying more readable than its
+// source after the source's mode was narrowed (chmod leaves the mtime, so
+// no copy happens).
+func narrowMode(dst string, dstInfo, src os.FileInfo) {
+	if extra := dstInfo.Mode().Perm() &^ src.Mode().Perm(); extra != 0 {
+		_ = os.Chmod(dst, dstInfo.Mode().Perm()&src.Mode().Perm())
+	}
+}
+
+// fixBacking makes an up-to-date copy made by the old script, which
+// records its parent's absolute host path, reference its parent copy by
+// relative name. Relative references (this tool's, including the ones to
+// kept generations) are never touched.
 func (r *Runner) fixBacking(ctx context.Context, dst, backing string, parent *virt.Image, preserve bool) error {
 	if parent == nil {
 		return nil
 	}
 	cur, err := qcow2.BackingFile(dst)
-	if err != nil || cur == backing {
-		return nil //nolint: a raw or unreadable copy has nothing to fix here
+	if err != nil || cur != parent.Path {
+		return nil
 	}
 	st, err := os.Stat(dst)
 	if err != nil {
