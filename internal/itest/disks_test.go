@@ -208,3 +208,21 @@ func TestSignalDuringCopy(t *testing.T) {
 		require.NoError(t, exec.Command("flock", "-n", "/var/lock/"+d.Name+".fi-backup.lock", "true").Run(), "lock released")
 	}
 }
+
+// TestB9NoConsolidationAfterFailedCopy: with -C, a domain whose copy
+// failed in the same run is not consolidated: its chain, the only complete
+// history while the backup is incomplete, stays.
+func TestB9NoConsolidationAfterFailedCopy(t *testing.T) {
+	d := newDomain(t, "b9", domOpts{})
+	d.write(t, 0, 0x19, "0", "8M")
+	run(t, d.Name)
+	small := t.TempDir()
+	sh(t, "mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small)
+	t.Cleanup(func() { _ = exec.Command("umount", small).Run() })
+	nextSecond()
+	r := run(t, "-d", "-C", "-b", small, d.Name)
+	assert.Equal(t, 1, r.Code)
+	assert.NotContains(t, r.Stdout, "Consolidation of block devices for")
+	assert.Len(t, d.liveChain(t, "vda"), 3, "base and both overlays are still there")
+	assert.Equal(t, "running", d.state(t))
+}
