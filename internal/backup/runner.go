@@ -22,6 +22,7 @@ import (
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/logging"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
+	"github.com/fi-backup/fi-backup/internal/statedump"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
@@ -116,18 +117,27 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 	snap := virt.SnapshotName(ts)
 	r.P.Debug("Snapshot for domain '%s' requested", name)
 	r.P.Debug("Using timestamp '%s'", ts.Format(virt.TimestampLayout))
-	if r.DumpDir != "" {
-		r.P.Err("Domain state dump (-s) is not available in this version: refusing it rather than risking the guest")
-		r.P.Err("Domain state dump failed!")
-		return ErrFailed
-	}
 	if r.BackupDir != "" {
-		// Fail before the snapshot when the copy cannot work, so a bad
-		// backup directory adds no overlay to the domain.
+		// Fail before the dump and the snapshot when the copy cannot work,
+		// so a bad backup directory neither pauses the guest nor adds an
+		// overlay to the domain.
 		if err := checkWritableDir(r.BackupDir); err != nil {
 			r.P.Err("Backup directory '%s' is not usable: %v", r.BackupDir, err)
 			return ErrFailed
 		}
+	}
+	// -s (§6, B20): the dump leaves the guest paused; the disk snapshot is
+	// taken in that pause so RAM and disks show the same instant, and the
+	// guest is resumed right after it, before any copying. The deferred
+	// Close resumes and discards on any path that did not finish the dump.
+	var dump *statedump.Dump
+	if r.DumpDir != "" {
+		var err error
+		dump, err = r.startDump(ctx, dom, ts)
+		if err != nil {
+			return err
+		}
+		defer dump.Close()
 	}
 	r.P.Debug("Snapshotting block devices for '%s' using suffix '%s'", name, snap)
 	quiesce := ""
@@ -142,11 +152,22 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		if strings.Contains(msg, "Permission denied") {
 			r.P.Err("Check apparmor status or check if running with sufficient permissions")
 		}
+		if dump != nil {
+			// No disk snapshot matches the dumped RAM: drop it.
+			_ = r.finishDump(dump, false)
+		}
 		return ErrFailed
 	}
 	r.P.Verb("Snapshot for block devices of '%s' successful", name)
+	failed := false
+	if dump != nil && r.finishDump(dump, true) != nil {
+		failed = true
+	}
 	if r.BackupDir == "" {
 		r.P.Debug("No backup directory specified")
+		if failed {
+			return ErrFailed
+		}
 		return nil
 	}
 	if !isDir(r.BackupDir) {
@@ -158,7 +179,6 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		r.P.Err("Cannot read the disks of '%s': %s", name, virt.Describe(err))
 		return ErrFailed
 	}
-	failed := false
 	for _, d := range backupDisks(disks) {
 		if err := r.copyOnlineDisk(ctx, name, d); err != nil {
 			failed = true
