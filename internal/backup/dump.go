@@ -61,8 +61,17 @@ func (r *Runner) startDump(ctx context.Context, dom virt.Domain, ts time.Time) (
 			r.P.Warn("Ignoring %s='%s': not a positive number of bytes/s", envDumpBandwidth, v)
 		}
 	}
+	// A run killed while the guest is paused (the dump leaves it paused
+	// until the snapshot is taken) must not leave it paused for ever: the
+	// journal tells the next run to resume it (recoverJobs, Offline).
+	if err := r.writeJournal(jobJournal{Domain: name, Kind: journalDump}); err != nil {
+		r.P.Err("Cannot write the journal of '%s': %v", name, err)
+		r.P.Err("Domain state dump failed!")
+		return nil, ErrFailed
+	}
 	d, err := statedump.Start(ctx, dom, opt)
 	if err != nil {
+		r.clearJournal(name) // Start resumed the guest
 		r.P.Err("Domain state dump failed!")
 		return nil, ErrFailed
 	}

@@ -64,8 +64,12 @@ func (r *Runner) readJournal(dom string) (*jobJournal, error) {
 	return &j, nil
 }
 
+// journalDump is the journal kind of a -s state dump in progress.
+const journalDump = "dump"
+
 // recoverJobs finishes what an interrupted run left: a block job it started
-// is aborted. Called with the domain's lock held.
+// is aborted; a migration of its state dump is cancelled. Called with the
+// domain's lock held, for a running domain.
 func (r *Runner) recoverJobs(dom virt.Domain) error {
 	j, err := r.readJournal(dom.Name())
 	if err != nil {
@@ -73,6 +77,13 @@ func (r *Runner) recoverJobs(dom virt.Domain) error {
 		return ErrFailed
 	}
 	if j == nil {
+		return nil
+	}
+	if j.Kind == journalDump {
+		// The guest runs (QEMU restarts it when a migration fails); a
+		// migration to the dead process's pipe may still be listed.
+		_, _ = dom.QMP(`{"execute":"migrate_cancel"}`)
+		r.clearJournal(dom.Name())
 		return nil
 	}
 	info, err := dom.JobInfo(j.Disk)
@@ -89,4 +100,21 @@ func (r *Runner) recoverJobs(dom virt.Domain) error {
 	}
 	r.clearJournal(dom.Name())
 	return nil
+}
+
+// resumeAfterDump resumes a paused domain whose state dump was interrupted
+// (the journal says so): the dump had paused it. It reports whether it did.
+func (r *Runner) resumeAfterDump(dom virt.Domain) bool {
+	j, err := r.readJournal(dom.Name())
+	if err != nil || j == nil || j.Kind != journalDump {
+		return false
+	}
+	_, _ = dom.QMP(`{"execute":"migrate_cancel"}`)
+	if err := dom.Resume(); err != nil && !errors.Is(err, virt.ErrNotRunning) {
+		r.P.Err("Problem resuming domain '%s': %s", dom.Name(), virt.Describe(err))
+		return false
+	}
+	r.P.Warn("Resumed domain '%s', left paused by an interrupted fi-backup -s run (pid %d)", dom.Name(), j.PID)
+	r.clearJournal(dom.Name())
+	return true
 }

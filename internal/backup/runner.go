@@ -77,23 +77,47 @@ func (r *Runner) takeLock(name, what string) (*lock.Lock, error) {
 	return nil, ErrFailed
 }
 
+// open takes the domain's lock and looks the domain up; done closes both.
+// what names the phase a lock clash skips.
+func (r *Runner) open(name, what string) (virt.Domain, func(), error) {
+	l, err := r.takeLock(name, what)
+	if err != nil {
+		return nil, nil, err
+	}
+	dom, err := r.Hyp.Lookup(name)
+	if err != nil {
+		_ = l.Unlock()
+		r.P.Err("Cannot find domain '%s': %s", name, virt.Describe(err))
+		return nil, nil, ErrFailed
+	}
+	return dom, func() { _ = dom.Close(); _ = l.Unlock() }, nil
+}
+
+// resumeLeftPaused resumes a domain an interrupted -s run left paused, under
+// its lock; true when the domain runs again and should be backed up online.
+func (r *Runner) resumeLeftPaused(name string) bool {
+	dom, done, err := r.open(name, "backup")
+	if err != nil {
+		return false
+	}
+	defer done()
+	if st, err := dom.State(); err != nil || st != virt.StatePaused {
+		return false
+	}
+	return r.resumeAfterDump(dom)
+}
+
 // Online backs up (and/or consolidates) one running domain.
 func (r *Runner) Online(ctx context.Context, name string) error {
 	what := "backup"
 	if !r.Snapshot {
 		what = "consolidation"
 	}
-	l, err := r.takeLock(name, what)
+	dom, done, err := r.open(name, what)
 	if err != nil {
 		return err
 	}
-	defer l.Unlock()
-	dom, err := r.Hyp.Lookup(name)
-	if err != nil {
-		r.P.Err("Cannot find domain '%s': %s", name, virt.Describe(err))
-		return ErrFailed
-	}
-	defer dom.Close()
+	defer done()
 	if err := r.recoverJobs(dom); err != nil {
 		return err
 	}
@@ -137,6 +161,7 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		if err != nil {
 			return err
 		}
+		defer r.clearJournal(name) // runs after Close has resumed the guest
 		defer dump.Close()
 	}
 	r.P.Debug("Snapshotting block devices for '%s' using suffix '%s'", name, snap)
@@ -236,6 +261,12 @@ func (r *Runner) claim(dst, src string) (string, bool) {
 
 // Offline copies a domain that is not running, with cp -up semantics.
 func (r *Runner) Offline(ctx context.Context, name string) error {
+	if j, _ := r.readJournal(name); j != nil && j.Kind == journalDump && r.resumeLeftPaused(name) {
+		return r.Online(ctx, name)
+	}
+	if r.DumpDir != "" {
+		r.P.Warn("Domain '%s' is not running: no state dump (-s) for it", name)
+	}
 	if r.BackupDir == "" {
 		r.P.Err("-b flag (directory) required for backing up the shut-off domain '%s'", name)
 		r.P.Err("Skipping backup of '%s'", name)
@@ -249,17 +280,11 @@ func (r *Runner) Offline(ctx context.Context, name string) error {
 		}
 		r.P.Debug("Doing full backup (not consolidation) of '%s'", name)
 	}
-	l, err := r.takeLock(name, "backup")
+	dom, done, err := r.open(name, "backup")
 	if err != nil {
 		return err
 	}
-	defer l.Unlock()
-	dom, err := r.Hyp.Lookup(name)
-	if err != nil {
-		r.P.Err("Cannot find domain '%s': %s", name, virt.Describe(err))
-		return ErrFailed
-	}
-	defer dom.Close()
+	defer done()
 	before, err := dom.State()
 	if err != nil {
 		r.P.Err("Cannot read the state of '%s': %s", name, virt.Describe(err))

@@ -98,3 +98,35 @@ func TestRecoverKilledCopy(t *testing.T) {
 	assert.NoError(t, err, "the rerun's copy equals the source: %s", out2)
 	checkImages(t, assertSelfContained(t, bk+"/"+overlays(t, bk)[0])...)
 }
+
+// TestRecoverKilledDump: fi-backup SIGKILLed while its -s dump holds the
+// guest paused (QEMU's pause-before-switchover keeps it there) leaves the
+// guest paused. A plain rerun sees the journal, cancels the migration,
+// resumes the guest and backs it up online.
+func TestRecoverKilledDump(t *testing.T) {
+	d := newDomain(t, "recover-dump", domOpts{})
+	sdPauseBeforeSwitchover(t, d)
+	sd := sdStateDir(t)
+	p := sdStart(t, "", nil, "-d", "-s", sd, d.Name)
+	require.True(t, sdWaitFor(30*time.Second, func() bool {
+		return strings.Contains(p.out.String(), ": pre-switchover\n")
+	}), "the migration did not reach pre-switchover:\n%s", p.out.String())
+	require.NoError(t, syscall.Kill(p.cmd.Process.Pid, syscall.SIGKILL))
+	<-p.done
+	require.Equal(t, "paused", d.state(t), "the killed run left the guest paused")
+	for _, f := range files(t, sd) {
+		assert.NotRegexp(t, `\.statefile-[0-9-]+\.gz$`, f, "no state file under its final name")
+	}
+	virsh(t, "qemu-monitor-command", d.Name, `{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"pause-before-switchover","state":false}]}}`)
+
+	bk := t.TempDir()
+	nextSecond()
+	r := run(t, "-d", "-b", bk, d.Name)
+	require.Equal(t, 0, r.Code)
+	assert.Contains(t, r.Stdout, "[WAR] Resumed domain '"+d.Name+"', left paused by an interrupted fi-backup -s run")
+	assert.Equal(t, "running", d.state(t))
+	assert.Contains(t, r.Stdout, "[DEB] Domains NOTRUNNING to backup: "+d.Name+"\n", "it was found paused")
+	assert.Contains(t, r.Stdout, "[VER] Snapshot for block devices of '"+d.Name+"' successful", "then backed up online")
+	assert.Contains(t, files(t, bk), "disk1.qcow2")
+	assert.NotEqual(t, "active", sdMigrationStatus(t, d.Name), "no migration left running")
+}
