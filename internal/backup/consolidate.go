@@ -221,10 +221,10 @@ func (r *Runner) waitJob(ctx context.Context, dom virt.Domain, events <-chan vir
 				return true, errors.New("block job was cancelled")
 			}
 		case <-tick.C:
-			ready, err := r.pollJob(dom, kind, target)
+			ready, gone, err := r.pollJob(dom, kind, target)
 			switch {
 			case err != nil:
-				return false, err
+				return gone, err
 			case ready && kind == virt.JobCommit:
 				return r.pivot(ctx, dom, target)
 			case ready:
@@ -235,19 +235,25 @@ func (r *Runner) waitJob(ctx context.Context, dom virt.Domain, events <-chan vir
 }
 
 // pollJob reports READY (commit) or finished (pull) from libvirt's state.
-func (r *Runner) pollJob(dom virt.Domain, kind virt.JobKind, target string) (bool, error) {
-	if kind == virt.JobCommit {
-		d, err := diskByTarget(dom, target)
-		if err != nil {
-			return false, err
-		}
-		return d.Mirror != nil && d.Mirror.Ready == "yes", nil
-	}
+// gone means the job no longer exists although it did not do its work (the
+// domain stopped, someone aborted it): err says why.
+func (r *Runner) pollJob(dom virt.Domain, kind virt.JobKind, target string) (ready, gone bool, err error) {
 	info, err := dom.JobInfo(target)
-	if err != nil {
-		return false, err
+	switch {
+	case errors.Is(err, virt.ErrNotRunning):
+		return false, true, errors.New("the domain stopped during the block job")
+	case err != nil:
+		return false, false, err
+	case kind == virt.JobPull:
+		return !info.Active, false, nil
+	case !info.Active:
+		return false, true, errors.New("the block job ended without becoming ready")
 	}
-	return !info.Active, nil
+	d, err := diskByTarget(dom, target)
+	if err != nil {
+		return false, false, err
+	}
+	return d.Mirror != nil && d.Mirror.Ready == "yes", false, nil
 }
 
 func (r *Runner) pivot(ctx context.Context, dom virt.Domain, target string) (over bool, err error) {
