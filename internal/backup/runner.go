@@ -177,6 +177,12 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		if strings.Contains(msg, "Permission denied") {
 			r.P.Err("Check apparmor status or check if running with sufficient permissions")
 		}
+		switch {
+		case strings.Contains(msg, "collision with disk"):
+			r.P.Err("Two disks of '%s' would get the same overlay name (e.g. disk.img and disk.qcow2 in one directory): rename one of the images", name)
+		case strings.Contains(msg, "external snapshot name"):
+			r.P.Err("Disks that are not local files (block devices, network disks) must carry snapshot='no' in the definition of '%s' to be left out of the snapshot", name)
+		}
 		if dump != nil {
 			// No disk snapshot matches the dumped RAM: drop it.
 			_ = r.finishDump(dump, false)

@@ -43,6 +43,7 @@ func TestDiskKinds(t *testing.T) {
 	assert.Equal(t, 1, r.Code)
 	assert.Contains(t, r.Stdout, "[ERR] Snapshot for '"+e.Name+"' failed! ")
 	assert.Contains(t, r.Stdout, "'vdc'")
+	assert.Contains(t, r.Stdout, "must carry snapshot='no' in the definition of '"+e.Name+"'")
 	assert.Empty(t, overlays(t, e.Dir), "atomic: no overlay for any disk")
 	assert.Equal(t, "running", e.state(t))
 }

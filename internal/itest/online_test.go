@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -246,13 +247,14 @@ func TestQuiesceWithoutAgent(t *testing.T) {
 	assert.Equal(t, "running", d.state(t))
 }
 
-// TestSameSecondCollision: a second snapshot in the same second is refused
-// by libvirt with its own message and leaves the chain as it was.
-func TestSameSecondCollision(t *testing.T) {
+// TestOverlayNameCollision: two disks whose overlays would get the same
+// name make libvirt refuse the whole snapshot; the admin is told why.
+func TestOverlayNameCollision(t *testing.T) {
 	d := newDomain(t, "collide", domOpts{disks: []string{"d.img", "d.qcow2"}})
 	r := run(t, d.Name)
 	assert.Equal(t, 1, r.Code)
 	assert.Contains(t, r.Stdout, "collision with disk 'vda'")
+	assert.Contains(t, r.Stdout, "[ERR] Two disks of '"+d.Name+"' would get the same overlay name")
 	assert.Empty(t, overlays(t, d.Dir))
 	assert.Equal(t, "running", d.state(t))
 }
@@ -263,4 +265,29 @@ func prefixes(names []string) []string {
 		out = append(out, n[:strings.Index(n, ".bimg-")+len(".bimg-")])
 	}
 	return out
+}
+
+// TestSameSecondCollision: an overlay name that already exists (a second
+// run in the same second; here files planted at the names of the coming
+// seconds) is refused by libvirt with its own message; no overlay is added
+// and the planted files are untouched.
+func TestSameSecondCollision(t *testing.T) {
+	d := newDomain(t, "same-second", domOpts{})
+	now := time.Now()
+	var planted []string
+	for i := 0; i < 6; i++ {
+		p := filepath.Join(d.Dir, "disk1.bimg-"+now.Add(time.Duration(i)*time.Second).Format("20060102-150405"))
+		require.NoError(t, os.WriteFile(p, []byte("someone else's file"), 0o600))
+		planted = append(planted, p)
+	}
+	r := run(t, d.Name)
+	assert.Equal(t, 1, r.Code)
+	assert.Contains(t, r.Stdout, "already exists and is not a block device")
+	assert.Equal(t, []string{d.Disks[0]}, d.liveChain(t, "vda"))
+	for _, p := range planted {
+		b, err := os.ReadFile(p)
+		require.NoError(t, err)
+		assert.Equal(t, "someone else's file", string(b))
+	}
+	assert.Equal(t, "running", d.state(t))
 }
