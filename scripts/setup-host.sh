@@ -13,9 +13,11 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # 1. Packages.
+# locales + libvirt-l10n: the tests run fi-backup under a German locale in
+# which virsh really prints translated state words (the old script's B17).
 pkgs=(libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 	qemu-system-x86 qemu-utils qemu-block-extra pkg-config gcc util-linux
-	e2fsprogs busybox-static)
+	e2fsprogs busybox-static locales libvirt-l10n)
 missing=()
 for p in "${pkgs[@]}"; do
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -27,6 +29,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq >/dev/null
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! locale -a 2>/dev/null | grep -qx 'de_DE.utf8'; then
+	sed -i 's/^# *de_DE.UTF-8 UTF-8/de_DE.UTF-8 UTF-8/' /etc/locale.gen
+	grep -q '^de_DE.UTF-8 UTF-8' /etc/locale.gen || echo 'de_DE.UTF-8 UTF-8' >>/etc/locale.gen
+	locale-gen >/dev/null
+	say "generated the de_DE.UTF-8 locale"
 fi
 
 # 2. Directories, user and qemu.conf that libvirtd needs before its first start.

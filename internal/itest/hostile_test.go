@@ -2,7 +2,9 @@ package itest
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -22,6 +24,14 @@ func TestHostileNames(t *testing.T) {
 	require.NoError(t, os.Symlink(real, link))
 	t.Setenv("LANG", "de_DE.UTF-8")
 	t.Setenv("LC_ALL", "de_DE.UTF-8")
+	// Prove the locale is real: virsh now prints a translated state word,
+	// which the old script compared with "running" (B17).
+	cmd := exec.Command("virsh", "-q", "-c", uri, "domstate", d.Name)
+	cmd.Env = os.Environ() // not run()'s LC_ALL=C
+	word, err := cmd.Output()
+	require.NoError(t, err)
+	t.Logf("virsh domstate under de_DE.UTF-8: %q", strings.TrimSpace(string(word)))
+	require.NotEqual(t, "running", strings.TrimSpace(string(word)), "setup-host.sh installs locales and libvirt-l10n")
 
 	r := run(t, "-v", "-b", link, "--", d.Name)
 	require.Equal(t, 0, r.Code)
@@ -34,7 +44,7 @@ func TestHostileNames(t *testing.T) {
 		assertSelfContained(t, filepath.Join(real, ov))
 	}
 	assert.Len(t, overlays(t, real), 2)
-	_, err := os.Stat("/var/lock/" + d.Name + ".fi-backup.lock")
+	_, err = os.Stat("/var/lock/" + d.Name + ".fi-backup.lock")
 	assert.NoError(t, err, "lock file named after the domain, verbatim")
 	assert.Equal(t, "running", d.state(t))
 }

@@ -79,3 +79,33 @@ func TestDomainDestroyedDuringCommit(t *testing.T) {
 	assert.Equal(t, 0, r.Code)
 	assert.Len(t, files(t, bk), len(before))
 }
+
+// TestDomainUndefinedDuringCopy: the domain's definition is removed while
+// its backup copies (it keeps running as a transient domain): the backup
+// completes, the next one works, the guest runs.
+func TestDomainUndefinedDuringCopy(t *testing.T) {
+	d := newDomain(t, "undefined", domOpts{})
+	virsh(t, "blockresize", d.Name, "vda", "1G")
+	d.consWriteMiB(t, 0, 0x4f, 0, 768, 64)
+	d.consFlush(t, 0)
+	bk := t.TempDir()
+	nextSecond()
+	cmd, out := consStart(t, "-d", "-b", bk, d.Name)
+	require.True(t, consWaitFor(60*time.Second, func() bool {
+		for _, f := range files(t, bk) {
+			if strings.Contains(f, ".fi-backup-tmp-") {
+				return true
+			}
+		}
+		return false
+	}), "the copy did not start:\n%s", out.String())
+	virsh(t, "undefine", d.Name)
+	code := consWait(t, cmd, 120*time.Second)
+	assert.Equal(t, 0, code, out.String())
+	assert.Contains(t, files(t, bk), "disk1.qcow2")
+	assert.Equal(t, "running", d.state(t))
+	nextSecond()
+	r := run(t, "-b", bk, d.Name)
+	assert.Equal(t, 0, r.Code)
+	checkImages(t, d.liveChain(t, "vda")...)
+}
