@@ -201,16 +201,11 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		}
 		return nil
 	}
-	if !isDir(r.BackupDir) {
-		r.P.Err("Backup directory '%s' doesn't exist", r.BackupDir)
-		return ErrFailed
-	}
-	disks, err := dom.Disks()
+	disks, err := r.disksToCopy(dom)
 	if err != nil {
-		r.P.Err("Cannot read the disks of '%s': %s", name, virt.Describe(err))
-		return ErrFailed
+		return err
 	}
-	for _, d := range backupDisks(disks) {
+	for _, d := range disks {
 		if err := r.copyOnlineDisk(ctx, name, d); err != nil {
 			failed = true
 			if ctx.Err() != nil {
@@ -222,6 +217,22 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		return ErrFailed
 	}
 	return nil
+}
+
+// disksToCopy checks that the backup directory is still there (the old
+// tool's message when it vanished since the options were read) and returns
+// the domain's disks to copy.
+func (r *Runner) disksToCopy(dom virt.Domain) ([]virt.Disk, error) {
+	if !isDir(r.BackupDir) {
+		r.P.Err("Backup directory '%s' doesn't exist", r.BackupDir)
+		return nil, ErrFailed
+	}
+	disks, err := dom.Disks()
+	if err != nil {
+		r.P.Err("Cannot read the disks of '%s': %s", dom.Name(), virt.Describe(err))
+		return nil, ErrFailed
+	}
+	return backupDisks(disks), nil
 }
 
 // backupDisks are the disks the old tool copied and consolidated: device
@@ -296,18 +307,13 @@ func (r *Runner) Offline(ctx context.Context, name string) error {
 		r.P.Err("Cannot read the state of '%s': %s", name, virt.Describe(err))
 		return ErrFailed
 	}
-	if !isDir(r.BackupDir) {
-		r.P.Err("Backup directory '%s' doesn't exist", r.BackupDir)
-		return ErrFailed
-	}
-	disks, err := dom.Disks()
+	disks, err := r.disksToCopy(dom)
 	if err != nil {
-		r.P.Err("Cannot read the disks of '%s': %s", name, virt.Describe(err))
-		return ErrFailed
+		return err
 	}
 	failed := false
 	var all []string
-	for _, d := range backupDisks(disks) {
+	for _, d := range disks {
 		chain, err := r.tool().Chain(ctx, d.Source)
 		if err != nil {
 			r.P.Err("Unable to read the backing chain of %s: %v", d.Source, err)

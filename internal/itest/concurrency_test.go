@@ -23,14 +23,7 @@ func TestTwoRunsSameDomain(t *testing.T) {
 	first, out := consStart(t, "-b", bk, d.Name)
 	// Once its copy is under way the first run holds the lock and has
 	// taken its snapshot.
-	require.True(t, consWaitFor(60*time.Second, func() bool {
-		for _, f := range files(t, bk) {
-			if strings.Contains(f, ".fi-backup-tmp-") {
-				return true
-			}
-		}
-		return false
-	}), "the first run's copy never started:\n%s", out.String())
+	waitForTemp(t, bk, out)
 	require.Error(t, exec.Command("flock", "-n", "/var/lock/"+d.Name+".fi-backup.lock", "true").Run(), "the first run holds the lock")
 	chain := d.liveChain(t, "vda")
 	r := run(t, "-b", t.TempDir(), d.Name)

@@ -154,31 +154,13 @@ func (d *Domain) consNoBlockJob(t *testing.T, target string) {
 	assert.Contains(t, string(out), "No current block job", "a block job is left on %s/%s", d.Name, target)
 }
 
-// consBuffer is a bytes.Buffer safe to read while a process writes it.
-type consBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *consBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *consBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // consStart starts fi-backup in the background (own process group) with
 // an output buffer that may be polled while it runs. The process is killed
 // at the end of the test if still running.
-func consStart(t *testing.T, args ...string) (*exec.Cmd, *consBuffer) {
+func consStart(t *testing.T, args ...string) (*exec.Cmd, *syncBuffer) {
 	t.Helper()
 	cmd := exec.Command(binary(t), args...)
-	out := &consBuffer{}
+	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

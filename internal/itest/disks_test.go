@@ -186,14 +186,7 @@ func TestSignalDuringCopy(t *testing.T) {
 		bk := t.TempDir()
 		nextSecond()
 		cmd, out := consStart(t, "-d", "-b", bk, d.Name)
-		require.True(t, consWaitFor(60e9, func() bool {
-			for _, f := range files(t, bk) {
-				if strings.Contains(f, ".fi-backup-tmp-") {
-					return true
-				}
-			}
-			return false
-		}), "the copy did not start:\n%s", out.String())
+		waitForTemp(t, bk, out)
 		require.NoError(t, syscall.Kill(cmd.Process.Pid, tc.sig))
 		code := consWait(t, cmd, 60e9)
 		t.Logf("%s → %d\n%s", tc.sig, code, out.String())

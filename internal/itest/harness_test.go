@@ -10,14 +10,12 @@ package itest
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -259,15 +257,37 @@ func nextSecond() {
 	time.Sleep(now.Truncate(time.Second).Add(time.Second + 10*time.Millisecond).Sub(now))
 }
 
-// startBackground starts fi-backup without waiting.
-func startBackground(t *testing.T, args ...string) (*exec.Cmd, *bytes.Buffer) {
-	t.Helper()
-	cmd := exec.Command(binary(t), args...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	require.NoError(t, cmd.Start())
-	return cmd, &out
+// syncBuffer is a bytes.Buffer that may be read while a process writes it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
 }
 
-var _ = context.Background
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// waitForTemp waits until a temporary copy appears in dir: the run writing
+// it holds the domain's lock and has taken its snapshot.
+func waitForTemp(t *testing.T, dir string, out fmt.Stringer) string {
+	t.Helper()
+	var temp string
+	require.True(t, consWaitFor(60*time.Second, func() bool {
+		for _, f := range files(t, dir) {
+			if strings.Contains(f, ".fi-backup-tmp-") {
+				temp = f
+				return true
+			}
+		}
+		return false
+	}), "no temporary copy appeared in %s:\n%s", dir, out)
+	return temp
+}

@@ -91,14 +91,7 @@ func TestDomainUndefinedDuringCopy(t *testing.T) {
 	bk := t.TempDir()
 	nextSecond()
 	cmd, out := consStart(t, "-d", "-b", bk, d.Name)
-	require.True(t, consWaitFor(60*time.Second, func() bool {
-		for _, f := range files(t, bk) {
-			if strings.Contains(f, ".fi-backup-tmp-") {
-				return true
-			}
-		}
-		return false
-	}), "the copy did not start:\n%s", out.String())
+	waitForTemp(t, bk, out)
 	virsh(t, "undefine", d.Name)
 	code := consWait(t, cmd, 120*time.Second)
 	assert.Equal(t, 0, code, out.String())

@@ -67,16 +67,7 @@ func TestRecoverKilledCopy(t *testing.T) {
 	bk := t.TempDir()
 	nextSecond()
 	cmd, out := consStart(t, "-d", "-b", bk, d.Name)
-	var temp string
-	require.True(t, consWaitFor(60*time.Second, func() bool {
-		for _, f := range files(t, bk) {
-			if strings.Contains(f, ".fi-backup-tmp-") {
-				temp = f
-				return true
-			}
-		}
-		return false
-	}), "no temporary copy appeared:\n%s", out.String())
+	temp := waitForTemp(t, bk, out)
 	require.NoError(t, syscall.Kill(cmd.Process.Pid, syscall.SIGKILL))
 	consWait(t, cmd, 30*time.Second)
 	left := files(t, bk)

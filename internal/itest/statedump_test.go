@@ -22,7 +22,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -203,27 +202,9 @@ func sdSize(t *testing.T, p string) int64 {
 	return fi.Size()
 }
 
-// sdBuffer is safe to read while the process writes it.
-type sdBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *sdBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *sdBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type sdProc struct {
 	cmd  *exec.Cmd
-	out  *sdBuffer
+	out  *syncBuffer
 	done chan struct{}
 }
 
@@ -232,7 +213,7 @@ type sdProc struct {
 func sdStart(t *testing.T, dir string, env []string, args ...string) *sdProc {
 	t.Helper()
 	cmd := exec.Command(binary(t), args...)
-	out := &sdBuffer{}
+	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Dir = dir
 	cmd.Env = append(append(os.Environ(), "LC_ALL=C"), env...)
