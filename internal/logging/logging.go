@@ -84,32 +84,6 @@ func (p *Printer) Raw(s string) {
 	_, _ = io.WriteString(p.w, s)
 }
 
-// Buffered returns a Printer with the same levels that writes into its own
-// buffer; Flush copies the buffered text to p in one write. Parallel domain
-// workers use it so one domain's lines stay together.
-func (p *Printer) Buffered() *Buffer {
-	b := &Buffer{}
-	b.Printer = New(&b.buf, p.Verbose(), p.Debugging())
-	b.parent = p
-	return b
-}
-
-// Buffer is a Printer whose output is held until Flush.
-type Buffer struct {
-	*Printer
-	buf    strings.Builder
-	parent *Printer
-}
-
-// Flush writes everything printed so far to the parent Printer.
-func (b *Buffer) Flush() {
-	b.Printer.mu.Lock()
-	s := b.buf.String()
-	b.buf.Reset()
-	b.Printer.mu.Unlock()
-	b.parent.Raw(s)
-}
-
 // SetLevels changes which optional levels are shown (options are acted on
 // in command-line order, so -d may arrive after the Printer exists).
 func (p *Printer) SetLevels(verbose, debug bool) {

@@ -140,7 +140,7 @@ func (f *fakeQEMU) QMP(cmd string) (string, error) {
 		if s.status == "crash" { // QEMU dies (e.g. killed by seccomp)
 			f.closeFD()
 			f.state = virt.StateCrashed
-			return "", &virt.Error{Code: 38, Msg: "Unable to read from monitor: Connection reset by peer", Kind: virt.ErrConnectionLost}
+			return "", &virt.Error{Code: 38, Msg: "Unable to read from monitor: Connection reset by peer"}
 		}
 		b, _ := json.Marshal(map[string]any{"return": map[string]any{"status": s.status, "error-desc": s.desc, "downtime": 5, "total-time": 40}})
 		return string(b), nil

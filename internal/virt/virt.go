@@ -61,14 +61,9 @@ const (
 
 // Sentinel errors; the cgo layer maps libvirt error codes onto them.
 var (
-	ErrNoDomain       = errors.New("domain not found")
-	ErrNotRunning     = errors.New("domain is not running")
-	ErrAgent          = errors.New("guest agent unavailable")
-	ErrJobActive      = errors.New("block job active")
-	ErrNotReady       = errors.New("block job not ready for pivot")
-	ErrPermission     = errors.New("permission denied")
-	ErrNoJob          = errors.New("no active block job")
-	ErrConnectionLost = errors.New("connection to libvirt lost")
+	ErrNoDomain   = errors.New("domain not found")
+	ErrNotRunning = errors.New("domain is not running")
+	ErrJobActive  = errors.New("block job active")
 )
 
 // Error is a libvirt failure with the daemon's own message.
@@ -180,8 +175,6 @@ type Domain interface {
 	State() (State, error)
 	// Disks parses the domain's current XML (live for a running domain).
 	Disks() ([]Disk, error)
-	// InactiveDisks parses the persistent definition.
-	InactiveDisks() ([]Disk, error)
 	// Snapshot takes an external, disk-only, atomic, metadata-less snapshot;
 	// libvirt names the overlays.
 	Snapshot(spec SnapshotSpec) error
@@ -196,7 +189,6 @@ type Domain interface {
 	// AbortJob cancels a job without pivoting.
 	AbortJob(target string) error
 	Resume() error
-	Suspend() error
 	// QMP sends a raw QMP command and returns QEMU's reply text. A nil
 	// error does not mean QEMU accepted the command: the reply may carry
 	// an "error" member.

@@ -155,14 +155,6 @@ func (d *domain) Disks() ([]virt.Disk, error) {
 	return virt.ParseDisks(x)
 }
 
-func (d *domain) InactiveDisks() ([]virt.Disk, error) {
-	x, err := d.d.GetXMLDesc(libvirt.DOMAIN_XML_INACTIVE)
-	if err != nil {
-		return nil, translate("get domain XML", err)
-	}
-	return virt.ParseDisks(x)
-}
-
 func (d *domain) Snapshot(spec virt.SnapshotSpec) error {
 	x, err := virt.SnapshotXML(spec.Name)
 	if err != nil {
@@ -242,8 +234,7 @@ func (d *domain) QMPWithFile(cmd string, f *os.File) (string, error) {
 	return out, translate("send QMP command with file", err)
 }
 
-func (d *domain) Resume() error  { return translate("resume domain", d.d.Resume()) }
-func (d *domain) Suspend() error { return translate("suspend domain", d.d.Suspend()) }
+func (d *domain) Resume() error { return translate("resume domain", d.d.Resume()) }
 
 // translate turns a libvirt error into a *virt.Error carrying libvirt's own
 // message and, for the codes the tool reacts to, a sentinel.
@@ -261,14 +252,8 @@ func translate(op string, err error) error {
 		ve.Kind = virt.ErrNoDomain
 	case libvirt.ERR_OPERATION_INVALID:
 		ve.Kind = virt.ErrNotRunning
-	case libvirt.ERR_AGENT_UNRESPONSIVE, libvirt.ERR_ARGUMENT_UNSUPPORTED:
-		ve.Kind = virt.ErrAgent
 	case libvirt.ERR_BLOCK_COPY_ACTIVE:
 		ve.Kind = virt.ErrJobActive
-	case libvirt.ERR_OPERATION_DENIED:
-		ve.Kind = virt.ErrPermission
-	case libvirt.ERR_NO_CONNECT, libvirt.ERR_RPC, libvirt.ERR_SYSTEM_ERROR:
-		ve.Kind = virt.ErrConnectionLost
 	}
 	return ve
 }

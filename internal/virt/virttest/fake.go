@@ -92,7 +92,6 @@ func (d *domain) Disks() ([]virt.Disk, error) {
 	defer d.f.mu.Unlock()
 	return d.f.Disks[d.name], nil
 }
-func (d *domain) InactiveDisks() ([]virt.Disk, error) { return d.Disks() }
 func (d *domain) Snapshot(spec virt.SnapshotSpec) error {
 	if d.f.Snapshot != nil {
 		return d.f.Snapshot(d.name, spec)
@@ -107,7 +106,6 @@ func (d *domain) JobInfo(string) (virt.JobInfo, error)         { return virt.Job
 func (d *domain) Pivot(string) error                           { return errUnsupported }
 func (d *domain) AbortJob(string) error                        { return errUnsupported }
 func (d *domain) Resume() error                                { return errUnsupported }
-func (d *domain) Suspend() error                               { return errUnsupported }
 func (d *domain) QMP(string) (string, error)                   { return "", errUnsupported }
 func (d *domain) QMPWithFile(string, *os.File) (string, error) { return "", errUnsupported }
 func (d *domain) Close() error {
