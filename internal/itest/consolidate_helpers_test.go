@@ -195,18 +195,6 @@ func consWait(t *testing.T, cmd *exec.Cmd, limit time.Duration) int {
 	return cmd.ProcessState.ExitCode()
 }
 
-// consWaitFor polls cond until it holds or limit passes.
-func consWaitFor(limit time.Duration, cond func() bool) bool {
-	end := time.Now().Add(limit)
-	for time.Now().Before(end) {
-		if cond() {
-			return true
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return cond()
-}
-
 // consWriter writes continuously into a disk through HMP qemu-io,
 // cycling over offsets in [baseMiB, baseMiB+spanMiB), until stopped.
 type consWriter struct {

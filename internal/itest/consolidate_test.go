@@ -362,11 +362,11 @@ func TestConsolidateReadyRace(t *testing.T) {
 		}
 	}()
 	writes := func() int64 { return wa.writes.Load() + wb.writes.Load() }
-	require.True(t, consWaitFor(10*time.Second, func() bool { return wa.writes.Load() >= 2 && wb.writes.Load() >= 2 }),
+	require.True(t, eventually(10*time.Second, func() bool { return wa.writes.Load() >= 2 && wb.writes.Load() >= 2 }),
 		"the background writers did not get going")
 
 	cmd, out := consStart(t, "-d", "--job_timeout", "60s", "-c", d.Name)
-	require.True(t, consWaitFor(30*time.Second, func() bool { return strings.Contains(out.String(), "[DEB] Committing into") }),
+	require.True(t, eventually(30*time.Second, func() bool { return strings.Contains(out.String(), "[DEB] Committing into") }),
 		"the consolidation did not start:\n%s", out.String())
 	atStart := writes()
 	code := consWait(t, cmd, 90*time.Second)
@@ -449,7 +449,7 @@ func TestConsolidateSignal(t *testing.T) {
 	require.Len(t, before, 2)
 
 	cmd, out := consStart(t, "-d", "-c", d.Name)
-	require.True(t, consWaitFor(30*time.Second, func() bool { return strings.Contains(out.String(), "[DEB] Committing into") }),
+	require.True(t, eventually(30*time.Second, func() bool { return strings.Contains(out.String(), "[DEB] Committing into") }),
 		"the consolidation did not start:\n%s", out.String())
 	time.Sleep(200 * time.Millisecond)
 	require.NoError(t, syscall.Kill(cmd.Process.Pid, syscall.SIGTERM))

@@ -105,7 +105,7 @@ func TestBackupDirRemovedMidRun(t *testing.T) {
 	require.NoError(t, os.Mkdir(bk, 0o755))
 	nextSecond()
 	cmd, out := consStart(t, "-b", bk, d.Name)
-	require.True(t, consWaitFor(60e9, func() bool {
+	require.True(t, eventually(60e9, func() bool {
 		entries, _ := os.ReadDir(bk)
 		return len(entries) > 0
 	}), "the copy did not start:\n%s", out.String())

@@ -280,7 +280,7 @@ func (s *syncBuffer) String() string {
 func waitForTemp(t *testing.T, dir string, out fmt.Stringer) string {
 	t.Helper()
 	var temp string
-	require.True(t, consWaitFor(60*time.Second, func() bool {
+	require.True(t, eventually(60*time.Second, func() bool {
 		for _, f := range files(t, dir) {
 			if strings.Contains(f, ".fi-backup-tmp-") {
 				temp = f

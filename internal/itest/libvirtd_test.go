@@ -15,7 +15,7 @@ import (
 func restartLibvirtd(t *testing.T) {
 	t.Helper()
 	_ = exec.Command("pkill", "-x", "libvirtd").Run()
-	require.True(t, consWaitFor(20*time.Second, func() bool { return exec.Command("pgrep", "-x", "libvirtd").Run() != nil }))
+	require.True(t, eventually(20*time.Second, func() bool { return exec.Command("pgrep", "-x", "libvirtd").Run() != nil }))
 	out, err := exec.Command("bash", "../../scripts/setup-host.sh").CombinedOutput()
 	require.NoError(t, err, string(out))
 }
@@ -31,7 +31,7 @@ func TestLibvirtdRestartDuringCommit(t *testing.T) {
 	consSnap(t, "-d", d.Name)
 	d.consWriteMiB(t, 0, 0x4d, 0, 512, 64)
 	cmd, out := consStart(t, "-d", "-c", "--job_timeout", "5m", d.Name)
-	require.True(t, consWaitFor(30*time.Second, func() bool { return strings.Contains(out.String(), "[DEB] Committing into") }),
+	require.True(t, eventually(30*time.Second, func() bool { return strings.Contains(out.String(), "[DEB] Committing into") }),
 		"the consolidation did not start:\n%s", out.String())
 	restartLibvirtd(t)
 	code := consWait(t, cmd, 90*time.Second)
@@ -59,7 +59,7 @@ func TestDomainDestroyedDuringCommit(t *testing.T) {
 	d.consWriteMiB(t, 0, 0x4e, 0, 512, 64)
 	before := d.liveChain(t, "vda")
 	cmd, out := consStart(t, "-d", "-c", d.Name)
-	require.True(t, consWaitFor(30*time.Second, func() bool { return strings.Contains(out.String(), "[DEB] Committing into") }),
+	require.True(t, eventually(30*time.Second, func() bool { return strings.Contains(out.String(), "[DEB] Committing into") }),
 		"the consolidation did not start:\n%s", out.String())
 	virsh(t, "destroy", d.Name)
 	code := consWait(t, cmd, 60*time.Second)

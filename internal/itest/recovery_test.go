@@ -25,7 +25,7 @@ func TestRecoverKilledBlockcommit(t *testing.T) {
 	require.Len(t, before, 2)
 
 	cmd, out := consStart(t, "-d", "-c", d.Name)
-	require.True(t, consWaitFor(30*time.Second, func() bool { return strings.Contains(out.String(), "[DEB] Committing into") }),
+	require.True(t, eventually(30*time.Second, func() bool { return strings.Contains(out.String(), "[DEB] Committing into") }),
 		"the consolidation did not start:\n%s", out.String())
 	require.NoError(t, syscall.Kill(cmd.Process.Pid, syscall.SIGKILL))
 	code := consWait(t, cmd, 30*time.Second)
@@ -96,12 +96,8 @@ func TestRecoverKilledCopy(t *testing.T) {
 // resumes the guest and backs it up online.
 func TestRecoverKilledDump(t *testing.T) {
 	d := newDomain(t, "recover-dump", domOpts{})
-	sdPauseBeforeSwitchover(t, d)
 	sd := sdStateDir(t)
-	p := sdStart(t, "", nil, "-d", "-s", sd, d.Name)
-	require.True(t, sdWaitFor(30*time.Second, func() bool {
-		return strings.Contains(p.out.String(), ": pre-switchover\n")
-	}), "the migration did not reach pre-switchover:\n%s", p.out.String())
+	p := sdStartHeldPaused(t, d, sd)
 	require.NoError(t, syscall.Kill(p.cmd.Process.Pid, syscall.SIGKILL))
 	<-p.done
 	require.Equal(t, "paused", d.state(t), "the killed run left the guest paused")

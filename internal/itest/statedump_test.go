@@ -250,17 +250,6 @@ func sdRun(t *testing.T, dir string, env []string, args ...string) result {
 	return sdStart(t, dir, env, args...).wait(t, 3*time.Minute)
 }
 
-func sdWaitFor(limit time.Duration, cond func() bool) bool {
-	end := time.Now().Add(limit)
-	for time.Now().Before(end) {
-		if cond() {
-			return true
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return cond()
-}
-
 // sdQMP sends a QMP command through virsh and returns the "return" member.
 func sdQMP(t *testing.T, dom, cmd string) json.RawMessage {
 	t.Helper()
@@ -459,7 +448,7 @@ func TestStateDumpDirVanishes(t *testing.T) {
 	d2 := newDomain(t, "sd-van2", domOpts{})
 	sd := sdStateDir(t)
 	p := sdStart(t, "", []string{"FI_BACKUP_TEST_DUMP_BANDWIDTH=131072"}, "-d", "-s", sd, d1.Name+" "+d2.Name)
-	require.True(t, sdWaitFor(30*time.Second, func() bool {
+	require.True(t, eventually(30*time.Second, func() bool {
 		es, _ := os.ReadDir(sd)
 		return len(es) > 0
 	}), "the dump did not start:\n%s", p.out.String())
@@ -483,7 +472,7 @@ func TestStateDumpSignal(t *testing.T) {
 	sd := sdStateDir(t)
 	bw := sdMaxBandwidth(t, d.Name)
 	p := sdStart(t, "", []string{"FI_BACKUP_TEST_DUMP_BANDWIDTH=32768"}, "-d", "-s", sd, "-b", t.TempDir(), d.Name)
-	require.True(t, sdWaitFor(30*time.Second, func() bool {
+	require.True(t, eventually(30*time.Second, func() bool {
 		return strings.Contains(p.out.String(), "Migration status of '"+d.Name+"' after ")
 	}), "the migration did not start:\n%s", p.out.String())
 	time.Sleep(300 * time.Millisecond)
@@ -512,16 +501,24 @@ func sdPauseBeforeSwitchover(t *testing.T, d *Domain) {
 	t.Cleanup(func() { _ = exec.Command("virsh", "-c", uri, "qemu-monitor-command", d.Name, set(false)).Run() })
 }
 
+// sdStartHeldPaused starts `fi-backup -d -s sd dom` with QEMU told to stop
+// before the switchover, and returns once the dump holds the guest paused.
+func sdStartHeldPaused(t *testing.T, d *Domain, sd string) *sdProc {
+	t.Helper()
+	sdPauseBeforeSwitchover(t, d)
+	p := sdStart(t, "", nil, "-d", "-s", sd, d.Name)
+	require.True(t, eventually(30*time.Second, func() bool {
+		return strings.Contains(p.out.String(), ": pre-switchover\n")
+	}), "the migration did not reach pre-switchover:\n%s", p.out.String())
+	return p
+}
+
 // TestStateDumpSignalWhilePaused: SIGTERM while the migration holds the
 // guest paused.
 func TestStateDumpSignalWhilePaused(t *testing.T) {
 	d := newDomain(t, "sd-sigp", domOpts{})
-	sdPauseBeforeSwitchover(t, d)
 	sd := sdStateDir(t)
-	p := sdStart(t, "", nil, "-d", "-s", sd, d.Name)
-	require.True(t, sdWaitFor(30*time.Second, func() bool {
-		return strings.Contains(p.out.String(), ": pre-switchover\n")
-	}), "the migration did not reach pre-switchover:\n%s", p.out.String())
+	p := sdStartHeldPaused(t, d, sd)
 	assert.Equal(t, "paused", d.state(t))
 	require.NoError(t, syscall.Kill(p.cmd.Process.Pid, syscall.SIGTERM))
 	r := p.wait(t, time.Minute)

@@ -25,13 +25,21 @@ func parseChainJSON(t *testing.T, out string) []string {
 	return chain
 }
 
+// eventually polls cond until it holds or limit passes.
+func eventually(limit time.Duration, cond func() bool) bool {
+	end := time.Now().Add(limit)
+	for time.Now().Before(end) {
+		if cond() {
+			return true
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return cond()
+}
+
+// waitFor fails the test when cond does not hold within 30 s (generous: the
+// machines are shared and loaded).
 func waitFor(t *testing.T, cond func() bool) {
 	t.Helper()
-	for i := 0; i < 100; i++ {
-		if cond() {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatal("condition not reached in 5 s")
+	require.True(t, eventually(30*time.Second, cond), "condition not reached in 30 s")
 }
