@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
@@ -255,6 +256,24 @@ func checkImages(t *testing.T, paths ...string) {
 func nextSecond() {
 	now := time.Now()
 	time.Sleep(now.Truncate(time.Second).Add(time.Second + 10*time.Millisecond).Sub(now))
+}
+
+// restorePoint writes pattern at off (1 MiB) into d's first disk, backs d
+// up into bk, and returns a check that this restore point — the copy of the
+// layer that held the write — still opens from bk alone and reads back
+// exactly. Fault tests call it afterwards: older restore points survive.
+func restorePoint(t *testing.T, d *Domain, bk string, pattern byte, off string) func() {
+	t.Helper()
+	d.write(t, 0, pattern, off, "1M")
+	nextSecond()
+	r := run(t, "-b", bk, d.Name)
+	require.Equal(t, 0, r.Code)
+	rp := filepath.Join(bk, filepath.Base(d.liveChain(t, "vda")[1]))
+	return func() {
+		t.Helper()
+		assertSelfContained(t, rp)
+		assert.True(t, readsBack(t, rp, pattern, off, "1M"), "restore point %s no longer reads back", rp)
+	}
 }
 
 // syncBuffer is a bytes.Buffer that may be read while a process writes it.

@@ -2,6 +2,7 @@ package itest
 
 import (
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -19,7 +20,8 @@ func TestRecoverKilledBlockcommit(t *testing.T) {
 	d := newDomain(t, "recover-commit", domOpts{})
 	orig := d.Disks[0]
 	virsh(t, "blockresize", d.Name, "vda", "1G")
-	consSnap(t, "-d", d.Name)
+	bk := t.TempDir()
+	rp := restorePoint(t, d, bk, 0x79, "900M")
 	d.consWriteMiB(t, 0, 0x7a, 0, 512, 64)
 	before := d.liveChain(t, "vda")
 	require.Len(t, before, 2)
@@ -35,7 +37,7 @@ func TestRecoverKilledBlockcommit(t *testing.T) {
 	require.Contains(t, string(info), "Commit", "the killed run left its job running")
 	assert.Equal(t, "running", d.state(t))
 
-	bk := t.TempDir()
+	rp()
 	nextSecond()
 	r := run(t, "-d", "-b", bk, d.Name)
 	require.Equal(t, 0, r.Code)
@@ -46,6 +48,7 @@ func TestRecoverKilledBlockcommit(t *testing.T) {
 	assert.Equal(t, before, chain[1:])
 	checkImages(t, chain...)
 	assert.Contains(t, files(t, bk), "disk1.qcow2")
+	rp()
 
 	r = run(t, "-d", "-c", d.Name)
 	require.Equal(t, 0, r.Code)
@@ -53,6 +56,7 @@ func TestRecoverKilledBlockcommit(t *testing.T) {
 	assert.Equal(t, []string{orig}, d.liveChain(t, "vda"))
 	d.consFlush(t, 0)
 	consReads(t, orig, 0x7a, "0", "512M")
+	rp()
 }
 
 // TestRecoverKilledCopy: SIGKILL in the middle of a large copy leaves only a
@@ -61,20 +65,22 @@ func TestRecoverKilledBlockcommit(t *testing.T) {
 func TestRecoverKilledCopy(t *testing.T) {
 	d := newDomain(t, "recover-copy", domOpts{})
 	virsh(t, "blockresize", d.Name, "vda", "2G")
+	bk := t.TempDir()
+	rp := restorePoint(t, d, bk, 0x5b, "1900M")
+	big := d.source(t, "vda") // the layer the next run copies
 	d.consWriteMiB(t, 0, 0x5c, 0, 1024, 64)
 	d.consFlush(t, 0)
-	base := d.Disks[0]
-	bk := t.TempDir()
 	nextSecond()
 	cmd, out := consStart(t, "-d", "-b", bk, d.Name)
 	temp := waitForTemp(t, bk, out)
 	require.NoError(t, syscall.Kill(cmd.Process.Pid, syscall.SIGKILL))
 	consWait(t, cmd, 30*time.Second)
 	left := files(t, bk)
-	if !assert.NotContains(t, left, "disk1.qcow2", "killed before the rename") {
+	if !assert.NotContains(t, left, filepath.Base(big), "killed before the rename") {
 		t.Skip("the copy finished before the kill; nothing to recover")
 	}
 	assert.Contains(t, left, temp)
+	rp()
 	assert.Equal(t, "running", d.state(t))
 
 	time.Sleep(2500 * time.Millisecond) // CleanTemps spares files younger than 2 s
@@ -85,9 +91,10 @@ func TestRecoverKilledCopy(t *testing.T) {
 	for _, f := range files(t, bk) {
 		assert.NotContains(t, f, ".fi-backup-tmp-")
 	}
-	out2, err := exec.Command("qemu-img", "compare", "-U", base, bk+"/disk1.qcow2").CombinedOutput()
+	out2, err := exec.Command("qemu-img", "compare", "-U", big, filepath.Join(bk, filepath.Base(big))).CombinedOutput()
 	assert.NoError(t, err, "the rerun's copy equals the source: %s", out2)
-	checkImages(t, assertSelfContained(t, bk+"/"+overlays(t, bk)[0])...)
+	checkImages(t, assertSelfContained(t, filepath.Join(bk, filepath.Base(big)))...)
+	rp()
 }
 
 // TestRecoverKilledDump: fi-backup SIGKILLed while its -s dump holds the
