@@ -172,7 +172,11 @@ func (r *Runner) runJob(ctx context.Context, dom virt.Domain, kind virt.JobKind,
 		return fmt.Errorf("write job journal: %w", err)
 	}
 	if err := dom.StartJob(kind, target, base); err != nil {
-		r.clearJournal(dom.Name())
+		// The call may have failed after the job started (a connection
+		// lost mid-call): keep the journal unless no job is there.
+		if active, aerr := jobActive(dom, target); aerr == nil && !active {
+			r.clearJournal(dom.Name())
+		}
 		return err
 	}
 	over, err := r.waitJob(ctx, dom, events, kind, target)
@@ -275,8 +279,8 @@ func (r *Runner) pivot(ctx context.Context, dom virt.Domain, target string) (ove
 func (r *Runner) abortJob(dom virt.Domain, target string) bool {
 	_ = dom.AbortJob(target)
 	for i := 0; i < 150; i++ {
-		info, err := dom.JobInfo(target)
-		if err == nil && !info.Active {
+		active, err := jobActive(dom, target)
+		if err == nil && !active {
 			return true
 		}
 		if err != nil && errors.Is(err, virt.ErrNotRunning) {

@@ -86,12 +86,12 @@ func (r *Runner) recoverJobs(dom virt.Domain) error {
 		r.clearJournal(dom.Name())
 		return nil
 	}
-	info, err := dom.JobInfo(j.Disk)
+	active, err := jobActive(dom, j.Disk)
 	if err != nil {
 		r.P.Err("Cannot check the block job left on disk '%s' of '%s': %s", j.Disk, dom.Name(), virt.Describe(err))
 		return ErrFailed
 	}
-	if info.Active {
+	if active {
 		r.P.Warn("Aborting the %s job on disk '%s' of '%s' left by an interrupted fi-backup run (pid %d); the disk stays on its previous chain", j.Kind, j.Disk, dom.Name(), j.PID)
 		if !r.abortJob(dom, j.Disk) {
 			r.P.Err("The block job on disk '%s' of '%s' is still active", j.Disk, dom.Name())
@@ -117,4 +117,22 @@ func (r *Runner) resumeAfterDump(dom virt.Domain) bool {
 	r.P.Warn("Resumed domain '%s', left paused by an interrupted fi-backup -s run (pid %d)", dom.Name(), j.PID)
 	r.clearJournal(dom.Name())
 	return true
+}
+
+// jobActive asks both libvirt's job info and the live XML: right after a
+// libvirtd restart the job info can report no job while the disk is still
+// mirrored (libvirtd is re-reading QEMU's state).
+func jobActive(dom virt.Domain, target string) (bool, error) {
+	info, err := dom.JobInfo(target)
+	if err != nil {
+		return false, err
+	}
+	if info.Active {
+		return true, nil
+	}
+	d, err := diskByTarget(dom, target)
+	if err != nil {
+		return false, err
+	}
+	return d.Mirror != nil, nil
 }

@@ -85,6 +85,12 @@ func TestDomainDestroyedDuringCommit(t *testing.T) {
 // completes, the next one works, the guest runs.
 func TestDomainUndefinedDuringCopy(t *testing.T) {
 	d := newDomain(t, "undefined", domOpts{})
+	// libvirt 9.0 may write a persistent definition for the transient
+	// domain when it is snapshotted: make sure nothing stays defined.
+	t.Cleanup(func() {
+		_ = exec.Command("virsh", "-c", uri, "destroy", d.Name).Run()
+		_ = exec.Command("virsh", "-c", uri, "undefine", d.Name).Run()
+	})
 	virsh(t, "blockresize", d.Name, "vda", "1G")
 	d.consWriteMiB(t, 0, 0x4f, 0, 768, 64)
 	d.consFlush(t, 0)
