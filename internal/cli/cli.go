@@ -37,11 +37,7 @@ type Env struct {
 
 type app struct {
 	Env
-	p      *logging.Printer
-	stdout io.Writer
-	stderr io.Writer
-	prog   string
-	getenv func(string) string
+	p *logging.Printer
 }
 
 // Main runs fi-backup with the real environment and returns the exit code.
@@ -69,9 +65,9 @@ func (e signalError) Error() string { return "interrupted by " + unix.SignalName
 
 // Run is the whole program; it returns the exit code.
 func Run(ctx context.Context, env Env, args []string) int {
-	a := &app{Env: env, stdout: env.Stdout, stderr: env.Stderr, prog: env.Prog, getenv: env.Getenv}
-	if a.getenv == nil {
-		a.getenv = func(string) string { return "" }
+	a := &app{Env: env}
+	if a.Getenv == nil {
+		a.Getenv = func(string) string { return "" }
 	}
 	if a.Now == nil {
 		a.Now = time.Now
@@ -104,7 +100,7 @@ func (a *app) run(ctx context.Context, o *Options) int {
 	}
 	var hyp virt.Hypervisor
 	var connErr error
-	uri := a.getenv("FI_BACKUP_URI")
+	uri := a.Getenv("FI_BACKUP_URI")
 	connect := func() {
 		if hyp == nil && connErr == nil {
 			hyp, connErr = a.Connect(uri)
@@ -148,7 +144,7 @@ func (a *app) run(ctx context.Context, o *Options) int {
 	}
 	sel := a.selectDomains(hyp, o)
 	r := &backup.Runner{
-		P: a.p, Hyp: hyp, Prog: a.prog, Now: a.Now, LockDir: a.LockDir,
+		P: a.p, Hyp: hyp, Prog: a.Prog, Now: a.Now, LockDir: a.LockDir,
 		QemuImg:   qemuImg,
 		BackupDir: o.BackupDir, DumpDir: o.DumpDir, Snapshot: o.Snapshot,
 		Consolidate: o.Consolidate, Method: o.Method, Quiesce: o.Quiesce,
@@ -195,7 +191,7 @@ func defaultMethod(hyp virt.Hypervisor) string {
 // them) and returns the qemu-img path to use.
 func (a *app) checkDependencies(hyp virt.Hypervisor, connErr error) (string, bool) {
 	ok := true
-	name := a.getenv("FI_BACKUP_QEMU_IMG")
+	name := a.Getenv("FI_BACKUP_QEMU_IMG")
 	if name == "" {
 		name = "qemu-img"
 	}

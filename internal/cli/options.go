@@ -100,9 +100,9 @@ func getoptDefs(fs *pflag.FlagSet) []optDef {
 // the version while "-b /missing -V" fails on the directory.
 func (a *app) parse(args []string) (*Options, error) {
 	fs := newFlagSet()
-	scannedOpts, positional, ok := getoptScan("fi-backup", getoptDefs(fs), args, a.getenv("POSIXLY_CORRECT") != "", a.stderr)
+	scannedOpts, positional, ok := getoptScan("fi-backup", getoptDefs(fs), args, a.Getenv("POSIXLY_CORRECT") != "", a.Stderr)
 	if !ok {
-		fmt.Fprintln(a.stderr, "Failed parsing options.")
+		fmt.Fprintln(a.Stderr, "Failed parsing options.")
 		return nil, exitNow{ExitFailure}
 	}
 	norm := make([]string, 0, len(scannedOpts)+1+len(positional))
@@ -163,7 +163,7 @@ func (a *app) parse(args []string) (*Options, error) {
 			a.usage("")
 			return exitNow{ExitFailure}
 		case "version":
-			fmt.Fprintf(a.stdout, "fi-backup version %s\n", Version)
+			fmt.Fprintf(a.Stdout, "fi-backup version %s\n", Version)
 			return exitNow{ExitOK}
 		case "job_timeout":
 			d, err := time.ParseDuration(value)
@@ -181,7 +181,7 @@ func (a *app) parse(args []string) (*Options, error) {
 			return nil, en
 		}
 		// getoptScan accepted everything pflag can reject; this is a bug guard.
-		fmt.Fprintf(a.stderr, "fi-backup: %v\nFailed parsing options.\n", err)
+		fmt.Fprintf(a.Stderr, "fi-backup: %v\nFailed parsing options.\n", err)
 		return nil, exitNow{ExitFailure}
 	}
 	o.Args = fs.Args()
@@ -200,7 +200,7 @@ func (a *app) usage(msg string) {
 	if msg != "" {
 		fmt.Fprintf(&b, "\n[ERR] %s\n\n", msg)
 	}
-	fmt.Fprintf(&b, usageText, Version, a.prog)
+	fmt.Fprintf(&b, usageText, Version, a.Prog)
 	a.p.Raw(b.String())
 }
 
