@@ -28,18 +28,11 @@ func consVerLine(disk, dom string) string {
 	return fmt.Sprintf("[VER] Consolidation of block device '%s' for '%s' successful", disk, dom)
 }
 
-func consBackupDir(t *testing.T) string {
-	t.Helper()
-	bd := filepath.Join(t.TempDir(), "backup dir")
-	require.NoError(t, os.MkdirAll(bd, 0o755))
-	return bd
-}
-
 // T1b/T1c: backup ×2 then -dc, twice; the domain ends on its original file.
 func TestConsolidateT1(t *testing.T) {
 	d := newDomain(t, "cons-t1", domOpts{})
 	orig := d.Disks[0]
-	bd := consBackupDir(t)
+	bd := backupDir(t)
 	for round := 0; round < 2; round++ {
 		p := byte(0xa1 + 0x10*round) // a1,a2,a3 / b1,b2,b3
 		mb := func(i int) string { return fmt.Sprintf("%dM", round*8+i) }
@@ -89,7 +82,7 @@ func TestConsolidateT3T4(t *testing.T) {
 	// takes both domains' files (same names would be a B12 clash)
 	d1 := newDomain(t, "cons-t3a", domOpts{disks: []string{"test1 1.qcow2"}})
 	d2 := newDomain(t, "cons-t3b", domOpts{disks: []string{"test2 1.qcow2", "test2 2.qcow2"}})
-	bd := consBackupDir(t)
+	bd := backupDir(t)
 	type disk struct {
 		d      *Domain
 		idx    int
@@ -185,7 +178,7 @@ func TestConsolidateTemplate(t *testing.T) {
 	require.Equal(t, []string{vmA, tpl}, a.liveChain(t, "vda"))
 	require.Equal(t, []string{vmB, tpl}, b.liveChain(t, "vda"))
 	tplSum := consSHA256(t, tpl)
-	bd := consBackupDir(t)
+	bd := backupDir(t)
 	checkB := func() {
 		t.Helper()
 		assert.Equal(t, tplSum, consSHA256(t, tpl), "the shared template was modified")
@@ -293,7 +286,7 @@ func TestConsolidateDataTruth(t *testing.T) {
 		t.Run(method, func(t *testing.T) {
 			d := newDomain(t, "cons-dt-"+method, domOpts{})
 			orig := d.Disks[0]
-			bd := consBackupDir(t)
+			bd := backupDir(t)
 			d.write(t, 0, 0xb1, "0", "1M")
 			consSnap(t, "-d", "-b", bd, d.Name)
 			d.write(t, 0, 0xb2, "4M", "1M")
@@ -337,7 +330,7 @@ func TestConsolidateReadyRace(t *testing.T) {
 	d := newDomain(t, "cons-race", domOpts{})
 	orig := d.Disks[0]
 	virsh(t, "blockresize", d.Name, "vda", "512M")
-	bd := consBackupDir(t)
+	bd := backupDir(t)
 	d.consWriteMiB(t, 0, 0x41, 0, 192, 64)
 	consSnap(t, "-d", "-b", bd, d.Name)
 	d.consWriteMiB(t, 0, 0x42, 128, 192, 64)
@@ -485,7 +478,7 @@ func TestConsolidateSignal(t *testing.T) {
 // its moment after a blockcommit changed the base, from backup files only.
 func TestConsolidateRestorePointsSurvive(t *testing.T) {
 	d := newDomain(t, "cons-rp", domOpts{})
-	bd := consBackupDir(t)
+	bd := backupDir(t)
 	d.write(t, 0, 0xc1, "0", "1M")
 	consSnap(t, "-d", "-b", bd, d.Name) // T1: base copied
 	o1 := d.liveChain(t, "vda")[0]
@@ -535,7 +528,7 @@ func TestConsolidateRestorePointsSurvive(t *testing.T) {
 // §8: -c with a named shut-off domain is refused for that domain.
 func TestConsolidateShutoff(t *testing.T) {
 	d := newDomain(t, "cons-off", domOpts{noStart: true})
-	bd := consBackupDir(t)
+	bd := backupDir(t)
 	r := run(t, "-b", bd, "-c", d.Name)
 	assert.Equal(t, 1, r.Code)
 	for _, l := range []string{

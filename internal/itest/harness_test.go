@@ -276,6 +276,19 @@ func restorePoint(t *testing.T, d *Domain, bk string, pattern byte, off string) 
 	}
 }
 
+// backupDir makes an empty backup directory whose path contains a space
+// (name defaults to "backup dir").
+func backupDir(t *testing.T, name ...string) string {
+	t.Helper()
+	n := "backup dir"
+	if len(name) > 0 {
+		n = name[0]
+	}
+	bk := filepath.Join(t.TempDir(), n)
+	require.NoError(t, os.Mkdir(bk, 0o755))
+	return bk
+}
+
 // syncBuffer is a bytes.Buffer that may be read while a process writes it.
 type syncBuffer struct {
 	mu sync.Mutex

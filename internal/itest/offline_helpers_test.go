@@ -126,14 +126,6 @@ func offByInode(t *testing.T, dir string, ino uint64) []string {
 	return out
 }
 
-// offBackupDir makes an empty backup directory whose path has a space.
-func offBackupDir(t *testing.T, name string) string {
-	t.Helper()
-	bk := filepath.Join(t.TempDir(), name)
-	require.NoError(t, os.Mkdir(bk, 0o755))
-	return bk
-}
-
 // offShutOff asserts the domain is still shut off (an offline backup never
 // starts a domain).
 func offShutOff(t *testing.T, d *Domain) {

@@ -56,7 +56,7 @@ func TestOfflineT0(t *testing.T) {
 		names = append(names, n)
 	}
 
-	bk := offBackupDir(t, "backup_off dir")
+	bk := backupDir(t, "backup_off dir")
 	r := run(t, "-d", "-b", bk, d1.Name, d2.Name)
 	require.Equal(t, 0, r.Code, "T0 with -d")
 	assert.Empty(t, r.Stderr)
@@ -88,7 +88,7 @@ func TestOfflineT0(t *testing.T) {
 	offShutOff(t, d2)
 
 	// Without -d the old tool exited 1 (B2): now the result of the copies.
-	bk2 := offBackupDir(t, "backup_off dir 2")
+	bk2 := backupDir(t, "backup_off dir 2")
 	r = run(t, "-b", bk2, d1.Name+" "+d2.Name)
 	assert.Equal(t, 0, r.Code, "T0 without -d (B2)")
 	assert.ElementsMatch(t, names, files(t, bk2))
@@ -128,7 +128,7 @@ func TestOfflineChangedBase(t *testing.T) {
 	})
 	top := d.Disks[0]
 	offWrite(t, top, 0x62, "1M", "1M")
-	bk := offBackupDir(t, "backup gen dir")
+	bk := backupDir(t, "backup gen dir")
 
 	r := run(t, "-d", "-b", bk, d.Name)
 	require.Equal(t, 0, r.Code)
@@ -197,7 +197,7 @@ func TestOfflineChangedTop(t *testing.T) {
 		backing: map[string]string{"t.qcow2": base},
 		noStart: true,
 	})
-	bk := offBackupDir(t, "backup top dir")
+	bk := backupDir(t, "backup top dir")
 	r := run(t, "-b", bk, d.Name)
 	require.Equal(t, 0, r.Code)
 	baseCopy, topCopy := filepath.Join(bk, "b.qcow2"), filepath.Join(bk, "t.qcow2")
@@ -233,7 +233,7 @@ func TestOfflineMissingChainLink(t *testing.T) {
 	good := newDomain(t, "off-fine", domOpts{disks: []string{"fine.qcow2"}, noStart: true})
 	require.NoError(t, os.Remove(base))
 
-	bk := offBackupDir(t, "backup broken dir")
+	bk := backupDir(t, "backup broken dir")
 	r := run(t, "-b", bk, bad.Name, good.Name)
 	assert.Equal(t, 1, r.Code, "a domain with a broken chain fails the run")
 	assert.Regexp(t, `(?m)^\[ERR\] .*`+regexp.QuoteMeta(bad.Disks[0])+`.*`+regexp.QuoteMeta(base), r.Stdout,
@@ -287,7 +287,7 @@ func TestOfflinePausedDomain(t *testing.T) {
 	virsh(t, "suspend", d.Name)
 	require.Equal(t, "paused", d.state(t))
 
-	bk := offBackupDir(t, "backup paused dir")
+	bk := backupDir(t, "backup paused dir")
 	r := run(t, "-d", "-b", bk, d.Name)
 	require.Equal(t, 0, r.Code)
 	assert.Contains(t, r.Stdout, "[DEB] Domains NOTRUNNING to backup: "+d.Name+"\n")
@@ -309,14 +309,14 @@ func TestOfflinePausedDomain(t *testing.T) {
 func TestOfflineModeNeverWidened(t *testing.T) {
 	off := newDomain(t, "off-mode", domOpts{noStart: true})
 	require.NoError(t, os.Chmod(off.Disks[0], 0o600))
-	bk := offBackupDir(t, "backup mode dir")
+	bk := backupDir(t, "backup mode dir")
 	r := run(t, "-b", bk, off.Name)
 	require.Equal(t, 0, r.Code)
 	assert.Equal(t, os.FileMode(0o600), offMetaOf(t, filepath.Join(bk, "disk1.qcow2")).Mode, "offline copy of a 0600 source")
 
 	on := newDomain(t, "on-mode", domOpts{disks: []string{"secret.qcow2"}})
 	require.NoError(t, os.Chmod(on.Disks[0], 0o600))
-	bk2 := offBackupDir(t, "backup mode online")
+	bk2 := backupDir(t, "backup mode online")
 	r = run(t, "-b", bk2, on.Name)
 	require.Equal(t, 0, r.Code)
 	src := offMetaOf(t, on.Disks[0])
@@ -330,7 +330,7 @@ func TestOfflineModeNeverWidened(t *testing.T) {
 // (chmod moves only the ctime, so cp -u sees nothing new). The copy already
 // in the backup directory must not stay more readable than its source.
 func TestOfflineModeNarrowedSource(t *testing.T) {
-	bk := offBackupDir(t, "backup narrow dir")
+	bk := backupDir(t, "backup narrow dir")
 	off2 := newDomain(t, "off-narrow", domOpts{disks: []string{"narrowed.qcow2"}, noStart: true})
 	require.NoError(t, os.Chmod(off2.Disks[0], 0o644))
 	r := run(t, "-b", bk, off2.Name)

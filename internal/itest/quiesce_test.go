@@ -146,7 +146,7 @@ func TestQuiesceRealAgent(t *testing.T) {
 	t.Logf("guests ready after %s", time.Since(start).Round(time.Millisecond))
 	time.Sleep(time.Second) // let the writers get going
 
-	bk := offBackupDir(t, "quiesced backup")
+	bk := backupDir(t, "quiesced backup")
 	r := run(t, "-q", "-v", "-b", bk, q.Name)
 	require.Equal(t, 0, r.Code)
 	assert.Regexp(t, `\[VER\] /usr/bin/virsh -q snapshot-create-as `+regexp.QuoteMeta(q.Name)+` \S+ --no-metadata --disk-only --atomic --quiesce\n`, r.Stdout)
@@ -167,7 +167,7 @@ func TestQuiesceRealAgent(t *testing.T) {
 	assert.Equal(t, "running", (&Domain{Name: q.Name}).state(t))
 
 	// Control: the same backup without -q while the writer runs.
-	bk2 := offBackupDir(t, "unquiesced backup")
+	bk2 := backupDir(t, "unquiesced backup")
 	r = run(t, "-v", "-b", bk2, ctl.Name)
 	require.Equal(t, 0, r.Code)
 	assert.NotContains(t, r.Stdout, "--quiesce")

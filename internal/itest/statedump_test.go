@@ -320,7 +320,7 @@ func sdAssertClean(t *testing.T, d *Domain, stateDir string) {
 func TestT5StateDump(t *testing.T) {
 	d1 := newDomain(t, "t5-one", domOpts{disks: []string{"one.qcow2"}})
 	d2 := newDomain(t, "t5-two", domOpts{disks: []string{"two a.qcow2", "two b.img"}})
-	bk := sdBackupDir(t)
+	bk := backupDir(t)
 	sd := sdStateDir(t)
 	doms := d1.Name + " " + d2.Name
 	for i := 0; i < 2; i++ {
@@ -384,13 +384,6 @@ func TestT5StateDump(t *testing.T) {
 		assert.Equal(t, "running", d.state(t))
 	}
 	assert.Equal(t, states, sdStateFiles(t, sd), "consolidation leaves the state files alone")
-}
-
-func sdBackupDir(t *testing.T) string {
-	t.Helper()
-	bd := filepath.Join(t.TempDir(), "backup dir")
-	require.NoError(t, os.MkdirAll(bd, 0o755))
-	return bd
 }
 
 // TestStateDumpRelativeDir (B21): a relative -s directory is the tool's,
