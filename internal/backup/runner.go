@@ -346,5 +346,5 @@ func (r *Runner) Offline(ctx context.Context, name string) error {
 	return nil
 }
 
-// Describe a duration for [VER] lines.
+// fmtDur renders a duration for the [DEB] timing lines, e.g. "0.022s".
 func fmtDur(d time.Duration) string { return fmt.Sprintf("%.3fs", d.Seconds()) }
