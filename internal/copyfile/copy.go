@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
 )
 
 // Options selects cp semantics.
@@ -21,6 +22,18 @@ type Options struct {
 	// copy is never visible at its final name with a host path in it, and
 	// cp -p timestamps are set after the rewrite.
 	Prepare func(tmp string) error
+
+	// BeforeRename, when set, is called with the temporary file's path
+	// once it is complete and durable (data, metadata, fsync) and right
+	// before it is renamed over dst; an error aborts the copy and leaves
+	// dst untouched. fi-backup decides here whether the copy about to be
+	// replaced must be kept as a generation.
+	BeforeRename func(tmp string) error
+
+	// Limit, when set, bounds the rate at which data is copied (holes and
+	// reflinks cost nothing). One limiter may be shared by concurrent
+	// copies to bound their sum.
+	Limit *rate.Limiter
 
 	// readWriteOnly skips FICLONE and copy_file_range so tests can exercise
 	// the read/write fallback on any file system.
@@ -82,7 +95,7 @@ func copyFile(ctx context.Context, src, dst string, opt Options) (Stats, error) 
 		err = ctx.Err() // last chance to abort before dst changes
 	}
 	if err == nil {
-		return stats, commit(out, tmp, dst)
+		return stats, commit(out, tmp, dst, opt.BeforeRename)
 	}
 	unix.Close(out)
 	unix.Unlink(tmp)
@@ -148,10 +161,13 @@ func writeTemp(ctx context.Context, in, out int, tmp string, sst *unix.Stat_t, o
 // commit makes the temporary file durable and moves it over dst. Once the
 // rename has happened the temporary name is gone, so a failing directory
 // fsync is reported but nothing is removed.
-func commit(out int, tmp, dst string) error {
+func commit(out int, tmp, dst string, beforeRename func(string) error) error {
 	err := wrap("fsync", unix.Fsync(out))
 	if cerr := unix.Close(out); err == nil {
 		err = wrap("close", cerr)
+	}
+	if err == nil && beforeRename != nil {
+		err = beforeRename(tmp)
 	}
 	if err == nil {
 		err = wrap("rename", unix.Rename(tmp, dst))

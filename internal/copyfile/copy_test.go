@@ -1,6 +1,7 @@
 package copyfile
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -278,4 +279,41 @@ func TestCopyErrors(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, "data", string(got))
 	})
+}
+
+// TestCopyRateLimited: with a limit, a dense copy never goes faster than
+// the limit (holes are free), and the copy is still exact.
+func TestCopyRateLimited(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	data := make([]byte, 3<<20)
+	for i := range data {
+		data[i] = byte(i%251 + 1)
+	}
+	require.NoError(t, os.WriteFile(src, data, 0o644))
+	require.NoError(t, os.Truncate(src, 64<<20)) // a 61 MiB hole after the data
+	dst := filepath.Join(dir, "dst")
+	start := time.Now()
+	st, err := Copy(context.Background(), src, dst, Options{Limit: NewLimiter(2 << 20), readWriteOnly: true})
+	require.NoError(t, err)
+	took := time.Since(start)
+	assert.GreaterOrEqual(t, took, 1400*time.Millisecond, "3 MiB at 2 MiB/s: 1.5 s at least")
+	assert.Equal(t, int64(3<<20), st.Bytes, "holes are not copied, so not paid for")
+	got, err := os.ReadFile(dst)
+	require.NoError(t, err)
+	assert.Equal(t, data, got[:len(data)])
+	assert.Len(t, got, 64<<20)
+}
+
+// TestCopyRateLimitedCancelled: a copy waiting for its rate is interrupted
+// by its context like any other.
+func TestCopyRateLimitedCancelled(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	require.NoError(t, os.WriteFile(src, bytes.Repeat([]byte{7}, 4<<20), 0o644))
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	_, err := Copy(ctx, src, filepath.Join(dir, "dst"), Options{Limit: NewLimiter(1 << 20)})
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.NoFileExists(t, filepath.Join(dir, "dst"))
 }

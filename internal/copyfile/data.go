@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"time"
 
 	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
 )
 
 const (
@@ -38,7 +41,7 @@ func writeData(ctx context.Context, in, out int, size int64, opt Options) (Stats
 			return Stats{Bytes: size, Reflinked: true}, nil
 		}
 	}
-	c := copier{ctx: ctx, in: in, out: out, useCFR: !opt.readWriteOnly}
+	c := copier{ctx: ctx, in: in, out: out, useCFR: !opt.readWriteOnly, limit: opt.Limit}
 	if err := c.copyExtents(size); err != nil {
 		return Stats{Bytes: c.bytes}, err
 	}
@@ -54,6 +57,7 @@ type copier struct {
 	useCFR  bool   // still trying copy_file_range
 	buf     []byte // read/write fallback buffer, allocated on first use
 	bytes   int64
+	limit   *rate.Limiter // nil: as fast as the disks go
 }
 
 // copyExtents copies every data extent of the first size bytes of in,
@@ -114,14 +118,23 @@ func (c *copier) copyRange(off, end int64) error {
 // step copies one chunk starting at off with copy_file_range, or with
 // read/write once copy_file_range turned out not to work for these files.
 func (c *copier) step(off, end int64) (int64, error) {
+	n := end - off
+	if c.limit != nil {
+		// Ask for the bytes before moving them: a chunk is at most the
+		// limiter's burst, so the average rate never exceeds the limit.
+		n = min(n, int64(c.limit.Burst()))
+		if err := waitRate(c.ctx, c.limit, int(n)); err != nil {
+			return 0, err
+		}
+	}
 	if c.useCFR {
-		n, err := c.copyFileRange(off, min(end-off, cfrChunk))
+		n, err := c.copyFileRange(off, min(n, cfrChunk))
 		if !cfrUnsupported(err) {
 			return n, err
 		}
 		c.useCFR = false
 	}
-	return c.readWrite(off, min(end-off, bufSize))
+	return c.readWrite(off, min(n, bufSize))
 }
 
 // copyFileRange lets the kernel copy n bytes at off (no trip through user
@@ -225,5 +238,27 @@ func ignoringEINTR(fn func() (int, error)) (int, error) {
 		if !errors.Is(err, unix.EINTR) {
 			return n, err
 		}
+	}
+}
+
+// waitRate waits until the limiter lets n bytes through, or ctx ends (its
+// error is returned as it is, so cancellation reads the same everywhere).
+func waitRate(ctx context.Context, l *rate.Limiter, n int) error {
+	r := l.ReserveN(time.Now(), n)
+	if !r.OK() {
+		return fmt.Errorf("rate limit: %d bytes exceed the burst of %d", n, l.Burst())
+	}
+	d := r.Delay()
+	if d <= 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		r.Cancel()
+		return ctx.Err()
 	}
 }

@@ -67,7 +67,7 @@ func TestCopyKilled(t *testing.T) {
 
 	srcInfo, err := os.Stat(src)
 	require.NoError(t, err)
-	need, reason, err := NeedCopy(srcInfo, nil)
+	need, reason, err := NeedCopy(srcInfo, nil, 0)
 	require.NoError(t, err)
 	assert.True(t, need)
 	assert.Equal(t, ReasonMissing, reason)

@@ -2,10 +2,11 @@ package copyfile
 
 import (
 	"context"
-	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -13,17 +14,12 @@ import (
 )
 
 // mountTmpfs mounts a tmpfs with the given flags and options on a fresh
-// directory, unmounted when the test ends. It skips the test when this
-// process may not mount (not root, or a container without CAP_SYS_ADMIN).
+// directory, unmounted when the test ends (the test needs root).
 func mountTmpfs(t *testing.T, flags uintptr, data string) string {
 	t.Helper()
+	requireRoot(t)
 	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", flags, data); err != nil {
-		if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-			t.Skipf("cannot mount a tmpfs here (%v): the test needs root with CAP_SYS_ADMIN", err)
-		}
-		require.NoError(t, err)
-	}
+	require.NoError(t, unix.Mount("tmpfs", dir, "tmpfs", flags, data))
 	// Registered after TempDir's cleanup, so it runs before the removal.
 	t.Cleanup(func() { assert.NoError(t, unix.Unmount(dir, 0)) })
 	return dir
@@ -76,4 +72,65 @@ func TestCopyReadOnlyDir(t *testing.T) {
 	_, err := Copy(context.Background(), src, filepath.Join(dir, "dst"), Options{})
 	assert.ErrorIs(t, err, unix.EROFS)
 	assert.Empty(t, dirNames(t, dir))
+}
+
+// mountImage makes a small file system image with mkfs (args after the
+// image path are mkfs's own) and loop-mounts it on a fresh directory.
+func mountImage(t *testing.T, mkfs string, args ...string) string {
+	t.Helper()
+	requireRoot(t)
+	img := filepath.Join(t.TempDir(), "fs.img")
+	require.NoError(t, os.WriteFile(img, nil, 0o600))
+	require.NoError(t, os.Truncate(img, 64<<20))
+	out, err := exec.Command(mkfs, append(args, img)...).CombinedOutput()
+	require.NoError(t, err, "%s: %s", mkfs, out)
+	dir := t.TempDir()
+	out, err = exec.Command("mount", "-o", "loop", img, dir).CombinedOutput()
+	require.NoError(t, err, "mount: %s", out)
+	t.Cleanup(func() {
+		out, err := exec.Command("umount", dir).CombinedOutput()
+		assert.NoError(t, err, "umount: %s", out)
+	})
+	return dir
+}
+
+// TestTimeResolutionOfRealFileSystems probes real file systems: ext4 with
+// 128-byte inodes keeps whole seconds, tmpfs nanoseconds; and a cp -p copy
+// onto them is up to date on the next run. (FAT's even seconds are covered
+// by TestResolutionFrom and TestNeedCopyCoarseDestination: the kernels of
+// the project machines have no vfat.)
+func TestTimeResolutionOfRealFileSystems(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		dir  func(t *testing.T) string
+		want time.Duration
+	}{
+		{"ext4 -I 128", func(t *testing.T) string { return mountImage(t, "mkfs.ext4", "-q", "-F", "-I", "128") }, time.Second},
+		{"tmpfs", func(t *testing.T) string { return mountTmpfs(t, 0, "size=1m") }, time.Nanosecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := tc.dir(t)
+			res, err := TimeResolution(dir)
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, res)
+			for _, n := range dirNames(t, dir) {
+				assert.NotContains(t, n, "probe", "the probe file is removed")
+			}
+
+			src := filepath.Join(t.TempDir(), "src")
+			require.NoError(t, os.WriteFile(src, []byte("image"), 0o644))
+			odd := time.Date(2024, 5, 1, 12, 0, 1, 987654321, time.UTC)
+			require.NoError(t, os.Chtimes(src, odd, odd))
+			dst := filepath.Join(dir, "dst")
+			_, err = Copy(context.Background(), src, dst, Options{Preserve: true})
+			require.NoError(t, err)
+			si, err := os.Stat(src)
+			require.NoError(t, err)
+			di, err := os.Stat(dst)
+			require.NoError(t, err)
+			need, _, err := NeedCopy(si, di, res)
+			require.NoError(t, err)
+			assert.False(t, need, "the cp -p copy (mtime %s) is up to date for a source of %s", di.ModTime(), si.ModTime())
+		})
+	}
 }

@@ -136,17 +136,13 @@ func assertFile(t *testing.T, path, want string) {
 	assert.Equal(t, want, string(got), path)
 }
 
-func init() {
-	// The package's tests create and clean temp files within milliseconds;
-	// TestCleanTempsSkipsLiveAndFresh restores the grace period it tests.
-	tempGrace = 0
-}
-
 // TestCleanTempsSkipsLiveAndFresh: a temp file a running Copy holds (its
-// flock) survives CleanTemps from another run sharing the directory; so does
-// a just-created one; a dead writer's file goes.
+// flock) survives CleanTemps from another run sharing the directory; a
+// dead writer's file goes at once (it was locked before it had a name);
+// with a grace period (file systems without O_TMPFILE) a young one stays.
 func TestCleanTempsSkipsLiveAndFresh(t *testing.T) {
 	dir := t.TempDir()
+	require.Zero(t, graceFor(dir), "the test directory's file system has O_TMPFILE")
 	fd, name, err := createTemp(filepath.Join(dir, "disk.qcow2"), randomSuffix)
 	require.NoError(t, err)
 	removed, err := CleanTemps(dir)
@@ -156,14 +152,12 @@ func TestCleanTempsSkipsLiveAndFresh(t *testing.T) {
 	require.NoError(t, unix.Close(fd)) // the writer is gone
 	removed, err = CleanTemps(dir)
 	require.NoError(t, err)
-	assert.Equal(t, []string{name}, removed)
+	assert.Equal(t, []string{name}, removed, "no grace needed: removed at once")
 
-	tempGrace = time.Hour
-	defer func() { tempGrace = 0 }()
 	fd, name, err = createTemp(filepath.Join(dir, "disk.qcow2"), randomSuffix)
 	require.NoError(t, err)
 	require.NoError(t, unix.Close(fd))
-	removed, err = CleanTemps(dir)
+	removed, err = cleanTemps(dir, time.Hour)
 	require.NoError(t, err)
 	assert.Empty(t, removed, "a file younger than the grace period is kept")
 	assert.FileExists(t, name)

@@ -1,0 +1,54 @@
+package copyfile
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"os"
+)
+
+// SameContent reports whether the regular files a and b hold the same
+// bytes. It stops at the first difference, so files that differ (the usual
+// case when it is asked) cost little; memory use is constant.
+func SameContent(a, b string) (bool, error) {
+	fa, err := os.Open(a)
+	if err != nil {
+		return false, err
+	}
+	defer fa.Close()
+	fb, err := os.Open(b)
+	if err != nil {
+		return false, err
+	}
+	defer fb.Close()
+	sa, err := fa.Stat()
+	if err != nil {
+		return false, err
+	}
+	sb, err := fb.Stat()
+	if err != nil {
+		return false, err
+	}
+	if sa.Size() != sb.Size() {
+		return false, nil
+	}
+	ba, bb := make([]byte, bufSize), make([]byte, bufSize)
+	for {
+		na, ea := io.ReadFull(fa, ba)
+		nb, eb := io.ReadFull(fb, bb)
+		if !bytes.Equal(ba[:na], bb[:nb]) {
+			return false, nil
+		}
+		endA, endB := isEOF(ea), isEOF(eb)
+		switch {
+		case ea != nil && !endA:
+			return false, ea
+		case eb != nil && !endB:
+			return false, eb
+		case endA || endB:
+			return endA && endB, nil
+		}
+	}
+}
+
+func isEOF(err error) bool { return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) }
