@@ -17,11 +17,21 @@ import (
 // Printer writes prefixed lines. It is safe for concurrent use; each call
 // writes one whole message at once so lines of different goroutines never
 // interleave.
+//
+// Writing must never stop the tool at a bad moment: while a guest is paused
+// (the -s dump), a full pipe would block the resume and a closed one would
+// kill the process. So output can be held (Hold) and is written when the
+// last hold is released, and a failed write (EPIPE: the reader went away)
+// is remembered instead of retried: the tool keeps going and reports
+// WriteErr at the end.
 type Printer struct {
 	mu      sync.Mutex
 	w       io.Writer
 	verbose bool
 	debug   bool
+	held    int    // active holds
+	pending []byte // output written while held
+	werr    error  // first write error; nothing is written after it
 }
 
 // New returns a Printer writing to w. verbose enables [VER] lines, debug
@@ -49,9 +59,56 @@ func (p *Printer) line(prefix, msg string) {
 	b.WriteString(prefix)
 	b.WriteString(msg)
 	b.WriteByte('\n')
+	p.write(b.String())
+}
+
+func (p *Printer) write(s string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	_, _ = io.WriteString(p.w, b.String())
+	if p.held > 0 {
+		p.pending = append(p.pending, s...)
+		return
+	}
+	p.writeLocked(s)
+}
+
+func (p *Printer) writeLocked(s string) {
+	if p.werr != nil || s == "" {
+		return
+	}
+	if _, err := io.WriteString(p.w, s); err != nil {
+		p.werr = err
+	}
+}
+
+// Hold keeps everything printed from now on in memory until the returned
+// release function is called (once; later calls do nothing). Holds nest:
+// the output is written, in order, when the last one is released.
+func (p *Printer) Hold() (release func()) {
+	p.mu.Lock()
+	p.held++
+	p.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			p.held--
+			if p.held == 0 {
+				out := string(p.pending)
+				p.pending = nil
+				p.writeLocked(out)
+			}
+		})
+	}
+}
+
+// WriteErr is the first error writing the output (e.g. a closed pipe), or
+// nil. Output after that error is dropped.
+func (p *Printer) WriteErr() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.werr
 }
 
 // Err prints an [ERR] line; always shown.
@@ -78,11 +135,7 @@ func (p *Printer) Debug(format string, a ...any) {
 }
 
 // Raw writes s as it is (used for the usage text).
-func (p *Printer) Raw(s string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	_, _ = io.WriteString(p.w, s)
-}
+func (p *Printer) Raw(s string) { p.write(s) }
 
 // SetLevels changes which optional levels are shown (options are acted on
 // in command-line order, so -d may arrive after the Printer exists).
