@@ -114,8 +114,9 @@ type Image struct {
 
 // Mirror is the <mirror> state of a disk during a block job.
 type Mirror struct {
-	Job   string // e.g. "active-commit"
-	Ready string // "yes", "no", "abort", "pivot" or ""
+	Job    string // e.g. "active-commit"
+	Ready  string // "yes", "no", "abort", "pivot" or ""
+	Source string // the file the job mirrors into (the base of an active commit)
 }
 
 // SnapshotSpec describes one external disk-only snapshot.
@@ -150,9 +151,40 @@ const (
 	JobReady
 )
 
+// JobType is the kind of block job libvirt reports running on a disk
+// (libvirt's enum order), whoever started it.
+type JobType int
+
+// Block job types as libvirt reports them.
+const (
+	JobTypeUnknown JobType = iota
+	JobTypePull
+	JobTypeCopy
+	JobTypeCommit
+	JobTypeActiveCommit
+	JobTypeBackup
+)
+
+func (t JobType) String() string {
+	switch t {
+	case JobTypePull:
+		return "pull"
+	case JobTypeCopy:
+		return "copy"
+	case JobTypeCommit:
+		return "commit"
+	case JobTypeActiveCommit:
+		return "active commit"
+	case JobTypeBackup:
+		return "backup"
+	}
+	return "unknown"
+}
+
 // JobInfo is a block job's progress; Active is false when no job runs.
 type JobInfo struct {
 	Active   bool
+	Type     JobType
 	Cur, End uint64
 }
 
@@ -162,7 +194,8 @@ type Hypervisor interface {
 	LibVersion() (string, error)
 	// HypervisorVersion is the QEMU version libvirt reports, e.g. "7.2.22".
 	HypervisorVersion() (string, error)
-	// List returns domain names matching f, sorted by name.
+	// List returns domain names matching f in virsh's order: active
+	// domains by ID, then inactive ones by name (case-insensitive).
 	List(f Filter) ([]string, error)
 	// Lookup opens a domain by name; ErrNoDomain when it does not exist.
 	Lookup(name string) (Domain, error)
@@ -178,11 +211,13 @@ type Domain interface {
 	// Snapshot takes an external, disk-only, atomic, metadata-less snapshot;
 	// libvirt names the overlays.
 	Snapshot(spec SnapshotSpec) error
-	// StartJob starts a block job on disk target. For JobCommit base is
-	// the image to commit into (never ""); events for the domain's disks are
-	// delivered to the returned channel until stop is called.
+	// WatchJobs delivers block-job events for the domain's disks to the
+	// returned channel until stop is called.
 	WatchJobs() (events <-chan JobEvent, stop func(), err error)
-	StartJob(kind JobKind, target, base string) error
+	// StartJob starts a block job on disk target. For JobCommit base is
+	// the image to commit into (never ""). bandwidth limits the job in
+	// bytes/s (0: unlimited).
+	StartJob(kind JobKind, target, base string, bandwidth uint64) error
 	JobInfo(target string) (JobInfo, error)
 	// Pivot finishes a READY active commit by switching to the base.
 	Pivot(target string) error

@@ -43,6 +43,9 @@ func diskFromXML(d libvirtxml.DomainDisk) Disk {
 	}
 	if d.Mirror != nil {
 		out.Mirror = &Mirror{Job: d.Mirror.Job, Ready: d.Mirror.Ready}
+		if d.Mirror.Source != nil && d.Mirror.Source.File != nil {
+			out.Mirror.Source = d.Mirror.Source.File.File
+		}
 	}
 	path, typ := sourcePath(d.Source)
 	out.Type = typ

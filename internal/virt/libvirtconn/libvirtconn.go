@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 
 	"libvirt.org/go/libvirt"
@@ -102,7 +103,12 @@ func (c *Conn) List(f virt.Filter) ([]string, error) {
 	if err != nil {
 		return nil, translate("list domains", err)
 	}
-	names := make([]string, 0, len(doms))
+	type entry struct {
+		name   string
+		id     uint
+		active bool
+	}
+	list := make([]entry, 0, len(doms))
 	var firstErr error
 	for i := range doms {
 		n, err := doms[i].GetName()
@@ -110,11 +116,31 @@ func (c *Conn) List(f virt.Filter) ([]string, error) {
 			firstErr = translate("get domain name", err)
 		}
 		if err == nil {
-			names = append(names, n)
+			e := entry{name: n}
+			if id, err := doms[i].GetID(); err == nil {
+				e.id, e.active = id, true // an inactive domain has no ID
+			}
+			list = append(list, e)
 		}
 		_ = doms[i].Free()
 	}
-	sort.Strings(names)
+	// virsh list's order (virshDomainSorter), which the old script's
+	// domain loops followed: active domains by ID, then inactive ones by
+	// name, case-insensitively.
+	sort.SliceStable(list, func(i, j int) bool {
+		a, b := list[i], list[j]
+		switch {
+		case a.active && b.active:
+			return a.id < b.id
+		case a.active != b.active:
+			return a.active
+		}
+		return strings.ToLower(a.name) < strings.ToLower(b.name)
+	})
+	names := make([]string, len(list))
+	for i, e := range list {
+		names[i] = e.name
+	}
 	return names, firstErr
 }
 
@@ -189,15 +215,16 @@ func (d *domain) WatchJobs() (<-chan virt.JobEvent, func(), error) {
 	return ch, stop, nil
 }
 
-func (d *domain) StartJob(kind virt.JobKind, target, base string) error {
+func (d *domain) StartJob(kind virt.JobKind, target, base string, bandwidth uint64) error {
 	switch kind {
 	case virt.JobCommit:
 		if base == "" {
 			return errors.New("blockcommit needs an explicit base")
 		}
-		return translate("start blockcommit", d.d.BlockCommit(target, base, "", 0, libvirt.DOMAIN_BLOCK_COMMIT_ACTIVE))
+		return translate("start blockcommit", d.d.BlockCommit(target, base, "", bandwidth,
+			libvirt.DOMAIN_BLOCK_COMMIT_ACTIVE|libvirt.DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES))
 	case virt.JobPull:
-		return translate("start blockpull", d.d.BlockPull(target, 0, 0))
+		return translate("start blockpull", d.d.BlockPull(target, bandwidth, libvirt.DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES))
 	}
 	return fmt.Errorf("unknown block job kind %d", kind)
 }
@@ -210,7 +237,7 @@ func (d *domain) JobInfo(target string) (virt.JobInfo, error) {
 	// The Go binding drops C's "0 = no job" return value: an all-zero
 	// struct means no job.
 	active := info.Type != libvirt.DOMAIN_BLOCK_JOB_TYPE_UNKNOWN || info.Cur != 0 || info.End != 0
-	return virt.JobInfo{Active: active, Cur: info.Cur, End: info.End}, nil
+	return virt.JobInfo{Active: active, Type: virt.JobType(info.Type), Cur: info.Cur, End: info.End}, nil
 }
 
 func (d *domain) Pivot(target string) error {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/fi-backup/fi-backup/internal/virt"
@@ -19,8 +20,15 @@ type Fake struct {
 	Lib      string // libvirt version, e.g. "9.0.0"
 	QEMU     string // hypervisor version
 	States   map[string]virt.State
+	IDs      map[string]int // IDs of active domains, for List's order
 	Disks    map[string][]virt.Disk
 	Snapshot func(name string, spec virt.SnapshotSpec) error
+	// Optional scripts of the block-job and monitor calls; without them
+	// the calls report no job, or fail as unsupported.
+	JobInfo  func(name, target string) (virt.JobInfo, error)
+	AbortJob func(name, target string) error
+	QMP      func(name, cmd string) (string, error)
+	Resume   func(name string) error
 	open     int
 	Closed   bool
 }
@@ -59,7 +67,17 @@ func (f *Fake) List(filter virt.Filter) ([]string, error) {
 			out = append(out, n)
 		}
 	}
-	sort.Strings(out)
+	// libvirt's (virsh's) order: active domains by ID, then the others by name.
+	sort.Slice(out, func(i, j int) bool {
+		a, b := f.IDs[out[i]], f.IDs[out[j]]
+		switch {
+		case a > 0 && b > 0:
+			return a < b
+		case (a > 0) != (b > 0):
+			return a > 0
+		}
+		return strings.ToLower(out[i]) < strings.ToLower(out[j])
+	})
 	return out, nil
 }
 
@@ -101,12 +119,32 @@ func (d *domain) Snapshot(spec virt.SnapshotSpec) error {
 func (d *domain) WatchJobs() (<-chan virt.JobEvent, func(), error) {
 	return nil, nil, errUnsupported
 }
-func (d *domain) StartJob(virt.JobKind, string, string) error  { return errUnsupported }
-func (d *domain) JobInfo(string) (virt.JobInfo, error)         { return virt.JobInfo{}, nil }
-func (d *domain) Pivot(string) error                           { return errUnsupported }
-func (d *domain) AbortJob(string) error                        { return errUnsupported }
-func (d *domain) Resume() error                                { return errUnsupported }
-func (d *domain) QMP(string) (string, error)                   { return "", errUnsupported }
+func (d *domain) StartJob(virt.JobKind, string, string, uint64) error { return errUnsupported }
+func (d *domain) JobInfo(target string) (virt.JobInfo, error) {
+	if d.f.JobInfo != nil {
+		return d.f.JobInfo(d.name, target)
+	}
+	return virt.JobInfo{}, nil
+}
+func (d *domain) Pivot(string) error { return errUnsupported }
+func (d *domain) AbortJob(target string) error {
+	if d.f.AbortJob != nil {
+		return d.f.AbortJob(d.name, target)
+	}
+	return errUnsupported
+}
+func (d *domain) Resume() error {
+	if d.f.Resume != nil {
+		return d.f.Resume(d.name)
+	}
+	return errUnsupported
+}
+func (d *domain) QMP(cmd string) (string, error) {
+	if d.f.QMP != nil {
+		return d.f.QMP(d.name, cmd)
+	}
+	return "", errUnsupported
+}
 func (d *domain) QMPWithFile(string, *os.File) (string, error) { return "", errUnsupported }
 func (d *domain) Close() error {
 	d.f.mu.Lock()
