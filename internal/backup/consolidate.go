@@ -46,7 +46,7 @@ func (r *Runner) consolidate(ctx context.Context, dom virt.Domain) error {
 	r.P.Debug("Consolidation method: %s", r.Method)
 	// Read the other domains' chains before any job: a commit must not
 	// write into a file they use, and no file they use may be deleted.
-	users, usersOK := r.otherUsers(ctx, name)
+	users := r.otherUsers(ctx, name)
 	failed := false
 	for i, d := range disks {
 		if ctx.Err() != nil {
@@ -54,7 +54,7 @@ func (r *Runner) consolidate(ctx context.Context, dom virt.Domain) error {
 			break
 		}
 		r.P.Debug("Consolidation of '%d' block device: '%s' for '%s'", i, d.Source, name)
-		if err := r.consolidateDisk(ctx, dom, d, users, usersOK); err != nil {
+		if err := r.consolidateDisk(ctx, dom, d, users); err != nil {
 			failed = true // B35: the other disks still get their turn
 		}
 	}
@@ -64,7 +64,20 @@ func (r *Runner) consolidate(ctx context.Context, dom virt.Domain) error {
 	return nil
 }
 
-func (r *Runner) consolidateDisk(ctx context.Context, dom virt.Domain, d virt.Disk, users map[string]string, usersOK bool) error {
+// chainWalkLines prints the old tool's debug lines of its chain walk: for
+// chain top, parent, grandparent, ... it named each file from the
+// grandparent down, then an empty name where the chain ended.
+func (r *Runner) chainWalkLines(chain []virt.Image) {
+	if len(chain) < 2 {
+		return
+	}
+	for _, img := range chain[2:] {
+		r.P.Debug("Next file in backing file chain: '%s'", img.Path)
+	}
+	r.P.Debug("Next file in backing file chain: ''")
+}
+
+func (r *Runner) consolidateDisk(ctx context.Context, dom virt.Domain, d virt.Disk, users hostUsers) error {
 	name := dom.Name()
 	if d.ChainErr != nil || !d.Complete {
 		r.P.Err("Error consolidating block device '%s' for '%s': its backing chain is unknown", d.Source, name)
@@ -74,23 +87,32 @@ func (r *Runner) consolidateDisk(ctx context.Context, dom virt.Domain, d virt.Di
 		r.P.Debug("No backing file found for '%s'. Nothing to do.", d.Source)
 		return nil
 	}
+	if !virt.IsOverlay(d.Source) {
+		// Only this tool's own overlays are ever merged. Without one on
+		// top, a commit would write the disk's own image into what lies
+		// below it (a golden image, a template), and a pull would copy
+		// that into the disk: neither is consolidation of a backup chain.
+		r.P.Info("No backup overlay (.bimg-) on top of '%s' for '%s'. Nothing to do.", d.Source, name)
+		return nil
+	}
 	r.P.Debug("Parent block device: '%s'", d.Chain[1].Path)
+	r.chainWalkLines(d.Chain)
 	before := d.Chain
 	kind, base := virt.JobPull, ""
 	if r.Method == "blockcommit" {
 		kind, base = virt.JobCommit, commitBase(before)
-		if u := users[base]; u != "" {
+		if u := users.of(base); u != "" {
 			r.P.Err("Error consolidating block device '%s' for '%s':\n '%s' is in the backing chain of domain '%s': committing into it would change that domain's disk", d.Source, name, base, u)
 			return ErrFailed
 		}
-		if !usersOK {
+		if !users.complete() {
 			r.P.Err("Error consolidating block device '%s' for '%s':\n cannot check whether other domains use '%s'", d.Source, name, base)
 			return ErrFailed
 		}
 		r.P.Debug("Committing into '%s'", base)
 	}
 	start := time.Now()
-	if err := r.runJob(ctx, dom, kind, d.Target, base); err != nil {
+	if err := r.runJob(ctx, dom, kind, d.Target, d.Source, base); err != nil {
 		r.P.Err("Error consolidating block device '%s' for '%s':\n %s", d.Source, name, virt.Describe(err))
 		return ErrFailed
 	}
@@ -110,12 +132,15 @@ func (r *Runner) consolidateDisk(ctx context.Context, dom virt.Domain, d virt.Di
 	} else {
 		r.P.Debug("Not deleting 0th element of snapshot_chain (last child) since consolidation method='blockpull'")
 	}
-	r.deleteLeftovers(name, before, after.Chain, users, usersOK)
+	r.deleteLeftovers(name, before, after.Chain, users)
 	return nil
 }
 
-// commitBase is the first image below the top whose name is not a
-// .bimg-YYYYMMDD-HHMMSS overlay; if every image is one, the bottom one.
+// commitBase is the image the overlays on top of the chain are committed
+// into: the first image below the top whose name is not a
+// .bimg-YYYYMMDD-HHMMSS overlay; if every image is one (after a blockpull
+// the disk's standalone image carries an overlay name), the bottom one.
+// The caller has checked that the top is one of this tool's overlays.
 func commitBase(chain []virt.Image) string {
 	for _, img := range chain[1:] {
 		if !virt.IsOverlay(img.Path) {
@@ -158,23 +183,24 @@ func checkResult(kind virt.JobKind, base string, before []virt.Image, after virt
 // (READY can arrive before the start call returns); a poll of the live XML
 // and job info is the safety net. On timeout or cancellation the job is
 // aborted, which leaves the domain on its old, valid chain.
-func (r *Runner) runJob(ctx context.Context, dom virt.Domain, kind virt.JobKind, target, base string) error {
+func (r *Runner) runJob(ctx context.Context, dom virt.Domain, kind virt.JobKind, target, top, base string) error {
 	events, stop, err := dom.WatchJobs()
 	if err != nil {
 		return err
 	}
 	defer stop()
-	kindName := "blockpull"
+	j := jobJournal{Domain: dom.Name(), Disk: target, Kind: journalPull, Top: top, Base: base}
 	if kind == virt.JobCommit {
-		kindName = "blockcommit"
+		j.Kind = journalCommit
 	}
-	if err := r.writeJournal(jobJournal{Domain: dom.Name(), Disk: target, Kind: kindName, Base: base}); err != nil {
+	if err := r.writeJournal(j); err != nil {
 		return fmt.Errorf("write job journal: %w", err)
 	}
-	if err := dom.StartJob(kind, target, base); err != nil {
+	if err := dom.StartJob(kind, target, base, uint64(max(r.RateLimit, 0))); err != nil {
 		// The call may have failed after the job started (a connection
-		// lost mid-call): keep the journal unless no job is there.
-		if active, aerr := jobActive(dom, target); aerr == nil && !active {
+		// lost mid-call): keep the journal only while the job it
+		// describes is there, so the next run never aborts another job.
+		if ours, _, jerr := r.journaledJob(dom, &j); jerr == nil && !ours {
 			r.clearJournal(dom.Name())
 		}
 		return err
@@ -277,8 +303,14 @@ func (r *Runner) pivot(ctx context.Context, dom virt.Domain, target string) (ove
 // gone, so no job is left dangling when the tool exits; it reports whether
 // the job is gone.
 func (r *Runner) abortJob(dom virt.Domain, target string) bool {
-	_ = dom.AbortJob(target)
-	for i := 0; i < 150; i++ {
+	if err := dom.AbortJob(target); err != nil {
+		// "No active block job" is what we want; anything else is worth
+		// knowing while we wait for the job to go.
+		if active, aerr := jobActive(dom, target); aerr != nil || active {
+			r.P.Warn("Aborting the block job on disk '%s' of '%s' failed: %s", target, dom.Name(), virt.Describe(err))
+		}
+	}
+	for end := time.Now().Add(abortWait); ; {
 		active, err := jobActive(dom, target)
 		if err == nil && !active {
 			return true
@@ -286,14 +318,19 @@ func (r *Runner) abortJob(dom virt.Domain, target string) bool {
 		if err != nil && errors.Is(err, virt.ErrNotRunning) {
 			return true // the domain is gone, and its jobs with it
 		}
-		time.Sleep(100 * time.Millisecond)
+		if time.Now().After(end) {
+			return false
+		}
+		time.Sleep(min(r.pollEvery(), 100*time.Millisecond))
 	}
-	return false
 }
+
+// abortWait bounds the wait for libvirt to report an aborted job gone.
+const abortWait = 15 * time.Second
 
 // deleteLeftovers removes the files that left the chain in this job, when
 // they carry this tool's overlay name and no other domain uses them.
-func (r *Runner) deleteLeftovers(name string, before, after []virt.Image, users map[string]string, usersOK bool) {
+func (r *Runner) deleteLeftovers(name string, before, after []virt.Image, users hostUsers) {
 	inAfter := map[string]bool{}
 	for _, img := range after {
 		inAfter[img.Path] = true
@@ -310,12 +347,12 @@ func (r *Runner) deleteLeftovers(name string, before, after []virt.Image, users 
 	r.P.Verb("Deleting old backing files for '%s'", name)
 	for _, f := range gone {
 		switch {
-		case !usersOK:
-			r.P.Warn("'%s' may be used by another domain (the domain list could not be read). Not deleting it", f)
+		case users.of(f) != "":
+			r.P.Warn("'%s' is in use by domain '%s' and must stay. Not deleting it", f, users.of(f))
+		case !users.complete():
+			r.P.Warn("'%s' may be in use by another domain (%s). Not deleting it", f, users.why())
 		case !virt.IsOverlay(f):
 			r.P.Warn("'%s' doesn't seem to be a backup backing file image. Not deleting it (manual intervention required)", f)
-		case users[f] != "":
-			r.P.Warn("'%s' is in the backing chain of domain '%s'. Not deleting it", f, users[f])
 		default:
 			r.P.Verb("Deleting old backing file '%s' for '%s'", f, name)
 			if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -325,52 +362,74 @@ func (r *Runner) deleteLeftovers(name string, before, after []virt.Image, users 
 	}
 }
 
-// otherUsers maps every image in the chains of the other defined domains to
-// a domain using it. ok is false when some domain's chain could not be
-// read: then nothing may be assumed unused.
-func (r *Runner) otherUsers(ctx context.Context, self string) (users map[string]string, ok bool) {
-	users = map[string]string{}
+// hostUsers maps the images in the chains of the other defined domains to
+// a domain using each. unreadable names the domains whose chains could not
+// be read completely: what they use beyond what is listed is unknown, so
+// nothing may be assumed unused (fail closed).
+type hostUsers struct {
+	users      map[string]string
+	unreadable []string
+}
+
+func (h hostUsers) of(path string) string { return h.users[path] }
+func (h hostUsers) complete() bool        { return len(h.unreadable) == 0 }
+func (h hostUsers) why() string {
+	return "the backing chain of " + strings.Join(h.unreadable, ", ") + " could not be read"
+}
+
+// otherUsers reads the chains of every other defined domain (live XML for
+// running ones, qemu-img for the others). Each domain whose chain cannot be
+// read is named in a [WAR].
+func (r *Runner) otherUsers(ctx context.Context, self string) hostUsers {
+	h := hostUsers{users: map[string]string{}}
 	names, err := r.Hyp.List(virt.ListAll)
 	if err != nil {
 		r.P.Warn("Cannot list domains to check shared backing files: %s", virt.Describe(err))
-		return users, false
+		h.unreadable = append(h.unreadable, "every other domain")
+		return h
 	}
-	ok = true
 	for _, n := range names {
 		if n == self {
 			continue
 		}
-		dom, err := r.Hyp.Lookup(n)
-		if errors.Is(err, virt.ErrNoDomain) {
-			continue // undefined meanwhile
-		}
-		if err != nil {
-			ok = false
-			continue
-		}
-		disks, err := dom.Disks()
-		_ = dom.Close()
-		if err != nil {
-			ok = false
-			continue
-		}
-		for _, d := range backupDisks(disks) {
-			chain := d.Chain
-			if !d.Complete { // inactive XML: ask qemu-img
-				c, err := r.tool().Chain(ctx, d.Source)
-				if err != nil {
-					// Its chain is unreadable (a missing link, say): what is
-					// listed in the XML is still taken as used.
-					r.P.Debug("Cannot read the chain of '%s' of domain '%s': %v", d.Source, n, err)
-				}
-				for _, img := range c {
-					chain = append(chain, virt.Image{Path: img.Path})
-				}
-			}
-			for _, img := range chain {
-				users[img.Path] = n
-			}
+		if err := r.addUsers(ctx, &h, n); err != nil {
+			r.P.Warn("Cannot read the backing chain of domain '%s': %v", n, err)
+			h.unreadable = append(h.unreadable, "domain '"+n+"'")
 		}
 	}
-	return users, ok
+	return h
+}
+
+func (r *Runner) addUsers(ctx context.Context, h *hostUsers, n string) error {
+	dom, err := r.Hyp.Lookup(n)
+	if errors.Is(err, virt.ErrNoDomain) {
+		return nil // undefined meanwhile
+	}
+	if err != nil {
+		return errors.New(virt.Describe(err))
+	}
+	disks, err := dom.Disks()
+	_ = dom.Close()
+	if err != nil {
+		return errors.New(virt.Describe(err))
+	}
+	var failed error
+	for _, d := range backupDisks(disks) {
+		chain := d.Chain
+		if !d.Complete { // inactive XML: ask qemu-img
+			c, err := r.tool().Chain(ctx, d.Source)
+			if err != nil {
+				// What is listed is still taken as used; the rest of the
+				// chain is unknown.
+				failed = fmt.Errorf("disk '%s': %v", d.Target, err)
+			}
+			for _, img := range c {
+				chain = append(chain, virt.Image{Path: img.Path})
+			}
+		}
+		for _, img := range chain {
+			h.users[img.Path] = n
+		}
+	}
+	return failed
 }

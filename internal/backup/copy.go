@@ -24,7 +24,6 @@ const sourceXattr = "user.fi-backup.source"
 // reference is rewritten. preserve selects cp -up (offline) over cp -u.
 func (r *Runner) copyChain(ctx context.Context, domName string, imgs []virt.Image, preserve bool) error {
 	r.cleanTemps()
-	failed := false
 	parentReplaced := false
 	for i := len(imgs) - 1; i >= 0; i-- {
 		if err := ctx.Err(); err != nil {
@@ -38,14 +37,29 @@ func (r *Runner) copyChain(ctx context.Context, domName string, imgs []virt.Imag
 		var err error
 		parentReplaced, err = r.copyOne(ctx, imgs[i], parent, preserve, parentReplaced)
 		if err != nil {
-			failed = true
 			// A copy whose parent failed would depend on a stale or missing
 			// parent: stop this chain here.
-			break
+			return ErrFailed
 		}
 	}
-	if failed {
-		return ErrFailed
+	return nil
+}
+
+// destination is where a chain file's copy goes: the flat backup
+// directory, under the file's own basename.
+func (r *Runner) destination(src string) string {
+	return filepath.Join(r.BackupDir, filepath.Base(src))
+}
+
+// checkDestination refuses a copy of src to dst that would overwrite
+// something else (B12): another source claimed dst in this run, or dst
+// records (xattr) that it holds the copy of another source.
+func (r *Runner) checkDestination(dst, src string) error {
+	if prev, ok := r.claim(dst, src); !ok {
+		return fmt.Errorf("'%s' and '%s' would both be backed up as '%s': refusing to overwrite one with the other", prev, src, dst)
+	}
+	if owner := getSource(dst); owner != "" && owner != src {
+		return fmt.Errorf("'%s' already holds a copy of '%s': refusing to overwrite it with '%s'", dst, owner, src)
 	}
 	return nil
 }
@@ -56,21 +70,16 @@ func (r *Runner) copyChain(ctx context.Context, domName string, imgs []virt.Imag
 // parent, is kept as a generation too and src is copied again, even when src
 // itself did not change. replaced reports the same for src.
 func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, preserve, parentReplaced bool) (replaced bool, err error) {
-	dst := filepath.Join(r.BackupDir, filepath.Base(src.Path))
-	if preserve {
-		r.P.Debug("Backing up: cp -up %s %s/", src.Path, r.BackupDir)
-	} else {
+	dst := r.destination(src.Path)
+	if !preserve {
 		r.P.Verb("Copy backing file '%s' to '%s'", src.Path, dst)
 	}
 	fail := func(format string, a ...any) (bool, error) {
 		r.P.Err(format, a...)
 		return false, ErrFailed
 	}
-	if prev, ok := r.claim(dst, src.Path); !ok {
-		return fail("'%s' and '%s' would both be backed up as '%s': refusing to overwrite one with the other", prev, src.Path, dst)
-	}
-	if owner := getSource(dst); owner != "" && owner != src.Path {
-		return fail("'%s' already holds a copy of '%s': refusing to overwrite it with '%s'", dst, owner, src.Path)
+	if err := r.checkDestination(dst, src.Path); err != nil {
+		return fail("%v", err)
 	}
 	sst, err := os.Stat(src.Path)
 	if err != nil {
@@ -83,7 +92,7 @@ func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image
 	if err != nil {
 		dstInfo = nil
 	}
-	need, reason, err := copyfile.NeedCopy(sst, dstInfo)
+	need, reason, err := copyfile.NeedCopy(sst, dstInfo, r.timeResolution())
 	if err != nil {
 		return fail("Unable to copy '%s' to '%s': %v", src.Path, dst, err)
 	}
@@ -96,17 +105,13 @@ func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image
 		backing = filepath.Base(parent.Path)
 	}
 	if !need {
-		narrowMode(dst, dstInfo, sst)
+		r.narrowMode(dst, dstInfo, sst)
 		return false, r.fixBacking(ctx, dst, backing, parent, preserve)
-	}
-	if dstInfo != nil {
-		if err := r.keepGeneration(ctx, dst, src, dstInfo); err != nil {
-			return fail("Unable to keep the previous copy '%s': %v", dst, err)
-		}
 	}
 	start := time.Now()
 	st, err := copyfile.Copy(ctx, src.Path, dst, copyfile.Options{
 		Preserve: preserve,
+		Limit:    r.limiter(),
 		Prepare: func(tmp string) error {
 			if parent != nil {
 				if err := r.tool().Rebase(ctx, tmp, backing, parent.Format); err != nil {
@@ -116,6 +121,24 @@ func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image
 			setSource(tmp, src.Path)
 			return nil
 		},
+		// The copy about to be replaced holds the data of older restore
+		// points (B10): keep it as a generation, unless the new copy is
+		// the very same bytes (the source's time moved, its data did not).
+		BeforeRename: func(tmp string) error {
+			if dstInfo == nil {
+				return nil
+			}
+			same, err := copyfile.SameContent(tmp, dst)
+			if err != nil {
+				return err
+			}
+			if same {
+				r.P.Debug("'%s': the new copy is identical to the previous one: no generation kept", dst)
+				return nil
+			}
+			replaced = true
+			return r.keepGeneration(ctx, dst, src, dstInfo)
+		},
 	})
 	if err != nil {
 		if preserve {
@@ -124,15 +147,17 @@ func (r *Runner) copyOne(ctx context.Context, src virt.Image, parent *virt.Image
 		return fail("Unable to copy '%s' to '%s': %v", src.Path, dst, err)
 	}
 	r.P.Debug("Copied %d bytes of '%s' in %s", st.Bytes, src.Path, fmtDur(time.Since(start)))
-	return dstInfo != nil, nil
+	return replaced, nil
 }
 
 // narrowMode keeps an up-to-date copy from staying more readable than its
 // source after the source's mode was narrowed (chmod leaves the mtime, so
 // no copy happens).
-func narrowMode(dst string, dstInfo, src os.FileInfo) {
+func (r *Runner) narrowMode(dst string, dstInfo, src os.FileInfo) {
 	if extra := dstInfo.Mode().Perm() &^ src.Mode().Perm(); extra != 0 {
-		_ = os.Chmod(dst, dstInfo.Mode().Perm()&src.Mode().Perm())
+		if err := os.Chmod(dst, dstInfo.Mode().Perm()&src.Mode().Perm()); err != nil {
+			r.P.Warn("Could not narrow the mode of '%s' to its source's (%04o): %v", dst, src.Mode().Perm(), err)
+		}
 	}
 }
 
@@ -145,11 +170,16 @@ func (r *Runner) fixBacking(ctx context.Context, dst, backing string, parent *vi
 		return nil
 	}
 	cur, err := qcow2.BackingFile(dst)
-	if err != nil || cur != parent.Path {
+	if err != nil {
+		r.P.Warn("Cannot read the backing reference of '%s': %v", dst, err)
+		return nil
+	}
+	if cur != parent.Path {
 		return nil
 	}
 	st, err := os.Stat(dst)
 	if err != nil {
+		r.P.Warn("Cannot read the backing reference of '%s': %v", dst, err)
 		return nil
 	}
 	if err := r.tool().Rebase(ctx, dst, backing, parent.Format); err != nil {
@@ -157,9 +187,16 @@ func (r *Runner) fixBacking(ctx context.Context, dst, backing string, parent *vi
 		return ErrFailed
 	}
 	if preserve { // cp -p semantics: the rewrite must not move the timestamp
-		_ = os.Chtimes(dst, atime(st), st.ModTime())
+		r.keepTimes(dst, st)
 	}
 	return nil
+}
+
+// keepTimes puts back a file's times after its header was rewritten.
+func (r *Runner) keepTimes(path string, st os.FileInfo) {
+	if err := os.Chtimes(path, atime(st), st.ModTime()); err != nil {
+		r.P.Warn("Could not keep the time of '%s': %v", path, err)
+	}
 }
 
 func atime(st os.FileInfo) time.Time {
@@ -194,7 +231,7 @@ func (r *Runner) keepGeneration(ctx context.Context, dst string, src virt.Image,
 			return err
 		}
 		if st != nil { // keep the dependant's time so cp -u decisions do not change
-			_ = os.Chtimes(dep, atime(st), st.ModTime())
+			r.keepTimes(dep, st)
 		}
 		r.P.Debug("'%s' now depends on '%s'", dep, gen)
 	}
@@ -254,6 +291,23 @@ func (r *Runner) cleanTemps() {
 			r.P.Warn("Could not remove every leftover temporary copy: %v", err)
 		}
 	})
+}
+
+// timeResolution is how precisely the backup directory keeps mtimes,
+// probed once per run (cp -u compares at that resolution).
+func (r *Runner) timeResolution() time.Duration {
+	r.resOnce.Do(func() {
+		res, err := copyfile.TimeResolution(r.BackupDir)
+		if err != nil {
+			r.P.Debug("Cannot probe the time resolution of '%s' (%v): comparing to the nanosecond", r.BackupDir, err)
+			res = time.Nanosecond
+		}
+		r.res = res
+		if res > time.Nanosecond {
+			r.P.Debug("'%s' keeps modification times to %s: cp -u compares at that resolution", r.BackupDir, res)
+		}
+	})
+	return r.res
 }
 
 func getSource(path string) string {

@@ -15,10 +15,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
+	"golang.org/x/time/rate"
+
+	"github.com/fi-backup/fi-backup/internal/copyfile"
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/logging"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
@@ -42,12 +48,17 @@ type Runner struct {
 	Method      string // "blockcommit" or "blockpull"
 	Quiesce     bool
 	JobTimeout  time.Duration
-	AllKeyword  bool // the positional argument was "all"
+	RateLimit   int64 // bytes/s for copies and block jobs; 0: unlimited
+	AllKeyword  bool  // the positional argument was "all"
 	PollEvery   time.Duration
 
 	cleanOnce sync.Once
 	claimsMu  sync.Mutex
 	claims    map[string]string // backup file → source it holds in this run (B12)
+	limOnce   sync.Once
+	lim       *rate.Limiter
+	resOnce   sync.Once
+	res       time.Duration
 }
 
 // ErrFailed marks a domain whose failure has already been reported.
@@ -62,65 +73,85 @@ func (r *Runner) pollEvery() time.Duration {
 	return 200 * time.Millisecond
 }
 
-// takeLock takes the domain's lock, reporting contention with the old
-// message; what names the skipped phase.
-func (r *Runner) takeLock(name, what string) (*lock.Lock, error) {
-	l, err := lock.TryLock(r.LockDir, name)
-	switch {
-	case err == nil:
-		return l, nil
-	case errors.Is(err, lock.ErrLocked):
-		r.P.Err("Another instance of %s is already running on '%s'! Skipping %s of '%s'", r.Prog, name, what, name)
-	default:
-		r.P.Err("Cannot lock domain '%s': %v. Skipping %s of '%s'", name, err, what, name)
-	}
-	return nil, ErrFailed
+// limiter is the run's one rate limiter, shared by all copies.
+func (r *Runner) limiter() *rate.Limiter {
+	r.limOnce.Do(func() {
+		if r.RateLimit > 0 {
+			r.lim = copyfile.NewLimiter(r.RateLimit)
+		}
+	})
+	return r.lim
 }
 
-// open takes the domain's lock and looks the domain up; done closes both.
-// what names the phase a lock clash skips.
-func (r *Runner) open(name, what string) (virt.Domain, func(), error) {
-	l, err := r.takeLock(name, what)
-	if err != nil {
-		return nil, nil, err
+// Run backs up (and/or consolidates) one domain. selected is the state it
+// had when the domains were listed; it is read again under the domain's
+// lock, because a domain started (or stopped) since then must go the way its
+// state now says: copying a running domain's live disk offline would be a
+// torn copy reported as good.
+func (r *Runner) Run(ctx context.Context, name string, selected virt.State) error {
+	if !isRunningState(selected) && r.BackupDir == "" {
+		// The old tool's refusal, before it took any lock.
+		r.offlineNeedsBackupDir(name, selected)
+		return ErrFailed
 	}
+	l, err := lock.TryLock(r.LockDir, name)
+	if err != nil {
+		r.lockFailed(name, selected, err)
+		return ErrFailed
+	}
+	defer func() { _ = l.Unlock() }()
 	dom, err := r.Hyp.Lookup(name)
 	if err != nil {
-		_ = l.Unlock()
 		r.P.Err("Cannot find domain '%s': %s", name, virt.Describe(err))
-		return nil, nil, ErrFailed
+		return ErrFailed
 	}
-	return dom, func() { _ = dom.Close(); _ = l.Unlock() }, nil
-}
-
-// resumeLeftPaused resumes a domain an interrupted -s run left paused, under
-// its lock; true when the domain runs again and should be backed up online.
-func (r *Runner) resumeLeftPaused(name string) bool {
-	dom, done, err := r.open(name, "backup")
-	if err != nil {
-		return false
-	}
-	defer done()
-	if st, err := dom.State(); err != nil || st != virt.StatePaused {
-		return false
-	}
-	return r.resumeAfterDump(dom)
-}
-
-// Online backs up (and/or consolidates) one running domain.
-func (r *Runner) Online(ctx context.Context, name string) error {
-	what := "backup"
-	if !r.Snapshot {
-		what = "consolidation"
-	}
-	dom, done, err := r.open(name, what)
-	if err != nil {
-		return err
-	}
-	defer done()
+	defer dom.Close()
 	if err := r.recoverJobs(dom); err != nil {
 		return err
 	}
+	st, err := dom.State()
+	if err != nil {
+		r.P.Err("Cannot read the state of '%s': %s", name, virt.Describe(err))
+		return ErrFailed
+	}
+	if st != selected && (isRunningState(st) != isRunningState(selected)) {
+		r.P.Debug("Domain '%s' is %s now (it was %s when the domains were listed)", name, st, selected)
+	}
+	switch {
+	case isRunningState(st):
+		return r.online(ctx, dom)
+	case st == virt.StateShutoff || st == virt.StatePaused || st == virt.StateCrashed:
+		return r.offline(ctx, dom, st)
+	}
+	r.P.Err("Domain '%s' is %s: skipping it", name, st)
+	return ErrFailed
+}
+
+func isRunningState(s virt.State) bool { return s == virt.StateRunning || s == virt.StateBlocked }
+
+// lockFailed reports a lock that could not be taken, with the old messages:
+// with -C both phases are skipped, and the old tool said so for each.
+func (r *Runner) lockFailed(name string, selected virt.State, err error) {
+	var phases []string
+	switch {
+	case !isRunningState(selected) || r.Snapshot && !r.Consolidate:
+		phases = []string{"backup"}
+	case !r.Snapshot:
+		phases = []string{"consolidation"}
+	default:
+		phases = []string{"backup", "consolidation"}
+	}
+	for _, what := range phases {
+		if errors.Is(err, lock.ErrLocked) {
+			r.P.Err("Another instance of %s is already running on '%s'! Skipping %s of '%s'", r.Prog, name, what, name)
+		} else {
+			r.P.Err("Cannot lock domain '%s': %v. Skipping %s of '%s'", name, err, what, name)
+		}
+	}
+}
+
+// online backs up (and/or consolidates) one running domain.
+func (r *Runner) online(ctx context.Context, dom virt.Domain) error {
 	if r.Snapshot {
 		if err := r.snapshotAndCopy(ctx, dom); err != nil {
 			return err // B9: no consolidation after a failed snapshot or copy
@@ -149,13 +180,22 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 			r.P.Err("Backup directory '%s' is not usable: %v", r.BackupDir, err)
 			return ErrFailed
 		}
+		if err := r.preflight(ctx, dom); err != nil {
+			return err
+		}
 	}
 	// -s (§6, B20): the dump leaves the guest paused; the disk snapshot is
 	// taken in that pause so RAM and disks show the same instant, and the
 	// guest is resumed right after it, before any copying. The deferred
 	// Close resumes and discards on any path that did not finish the dump.
+	// Nothing is written to stdout from the start of the dump until the
+	// guest runs again: a slow or closed reader must never hold a guest
+	// paused (the lines are printed, in order, right after the resume).
 	var dump *statedump.Dump
+	release := func() {}
 	if r.DumpDir != "" {
+		release = r.P.Hold()
+		defer release()
 		var err error
 		dump, err = r.startDump(ctx, dom, ts)
 		if err != nil {
@@ -194,6 +234,7 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 	if dump != nil && r.finishDump(dump, true) != nil {
 		failed = true
 	}
+	release()
 	if r.BackupDir == "" {
 		r.P.Debug("No backup directory specified")
 		if failed {
@@ -217,6 +258,114 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		return ErrFailed
 	}
 	return nil
+}
+
+// preflight checks, before the snapshot, everything about the copy that
+// can be known then: every disk's chain is known, and no copy would land on
+// a file it must not overwrite (B12 clashes, a backup directory that holds
+// the disks themselves). A run refused here adds no overlay.
+func (r *Runner) preflight(ctx context.Context, dom virt.Domain) error {
+	all, err := dom.Disks()
+	if err != nil {
+		r.P.Err("Cannot read the disks of '%s': %s", dom.Name(), virt.Describe(err))
+		return ErrFailed
+	}
+	var files []string
+	for _, d := range backupDisks(all) {
+		switch {
+		case d.ChainErr != nil:
+			r.P.Err("Cannot back up disk '%s' of '%s': %v", d.Target, dom.Name(), d.ChainErr)
+			return ErrFailed
+		case !d.Complete:
+			r.P.Err("Cannot back up disk '%s' of '%s': libvirt does not report its backing chain", d.Target, dom.Name())
+			return ErrFailed
+		}
+		for _, img := range d.Chain {
+			files = append(files, img.Path)
+		}
+	}
+	return r.checkDestinations(ctx, dom.Name(), files)
+}
+
+// checkDestinations refuses copies into the backup directory that would
+// overwrite a file they must not: a disk file of any defined domain (a -b
+// pointing at the disks' own directory, or at one that holds other
+// domains' disks), another source's copy (B12).
+func (r *Runner) checkDestinations(ctx context.Context, name string, files []string) error {
+	var live map[fileID]string
+	for _, src := range files {
+		dst := r.destination(src)
+		st, err := os.Stat(dst)
+		if err == nil {
+			if live == nil {
+				live = r.hostFiles(ctx, name, files)
+			}
+			if owner, ok := live[idOf(st)]; ok {
+				r.P.Err("Backup directory '%s' holds disk files in use: copying '%s' there would overwrite '%s' of domain '%s'. Choose another backup directory", r.BackupDir, src, dst, owner)
+				return ErrFailed
+			}
+		}
+		if same, _ := samePath(dst, src); same {
+			r.P.Err("Backup directory '%s' holds disk files in use: copying '%s' there would overwrite '%s' of domain '%s'. Choose another backup directory", r.BackupDir, src, dst, name)
+			return ErrFailed
+		}
+		if err := r.checkDestination(dst, src); err != nil {
+			r.P.Err("%v", err)
+			return ErrFailed
+		}
+	}
+	return nil
+}
+
+// fileID identifies a file whatever the path it is reached by.
+type fileID struct{ dev, ino uint64 }
+
+func idOf(st os.FileInfo) fileID {
+	if s, ok := st.Sys().(*syscall.Stat_t); ok {
+		return fileID{dev: s.Dev, ino: s.Ino}
+	}
+	return fileID{}
+}
+
+// hostFiles maps every chain file of this domain (files) and of every
+// other defined domain to the domain using it. Chains that cannot be read
+// contribute what is known of them.
+func (r *Runner) hostFiles(ctx context.Context, self string, files []string) map[fileID]string {
+	out := map[fileID]string{}
+	add := func(p, dom string) {
+		if st, err := os.Stat(p); err == nil {
+			out[idOf(st)] = dom
+		}
+	}
+	for _, f := range files {
+		add(f, self)
+	}
+	users := hostUsers{users: map[string]string{}}
+	if names, err := r.Hyp.List(virt.ListAll); err == nil {
+		for _, n := range names {
+			if n != self {
+				_ = r.addUsers(ctx, &users, n)
+			}
+		}
+	}
+	for p, dom := range users.users {
+		add(p, dom)
+	}
+	return out
+}
+
+// samePath reports whether a and b name the same file after resolving
+// symbolic links (b exists; a may not).
+func samePath(a, b string) (bool, error) {
+	ra, err := filepath.EvalSymlinks(a)
+	if err != nil {
+		return false, err
+	}
+	rb, err := filepath.EvalSymlinks(b)
+	if err != nil {
+		return false, err
+	}
+	return ra == rb, nil
 }
 
 // disksToCopy checks that the backup directory is still there (the old
@@ -257,9 +406,7 @@ func (r *Runner) copyOnlineDisk(ctx context.Context, domName string, d virt.Disk
 		r.P.Err("Cannot back up disk '%s' of '%s': libvirt does not report its backing chain", d.Target, domName)
 		return ErrFailed
 	}
-	for _, img := range d.Chain[1:] {
-		r.P.Debug("Next file in backing file chain: '%s'", img.Path)
-	}
+	r.chainWalkLines(d.Chain)
 	return r.copyChain(ctx, domName, d.Chain[1:], false)
 }
 
@@ -276,63 +423,80 @@ func (r *Runner) claim(dst, src string) (string, bool) {
 	return "", true
 }
 
-// Offline copies a domain that is not running, with cp -up semantics.
-func (r *Runner) Offline(ctx context.Context, name string) error {
-	if j, _ := r.readJournal(name); j != nil && j.Kind == journalDump && r.resumeLeftPaused(name) {
-		return r.Online(ctx, name)
+// stateWord is how the offline messages name a domain's state ("shut-off"
+// is the old tool's word, which it used for paused domains too).
+func stateWord(st virt.State) string {
+	if st == virt.StateShutoff {
+		return "shut-off"
 	}
+	return st.String()
+}
+
+func (r *Runner) offlineNeedsBackupDir(name string, st virt.State) {
+	r.P.Err("-b flag (directory) required for backing up the %s domain '%s'", stateWord(st), name)
+	r.P.Err("Skipping backup of '%s'", name)
+}
+
+// offline copies a domain that is not running, with cp -up semantics. The
+// caller holds the domain's lock.
+func (r *Runner) offline(ctx context.Context, dom virt.Domain, before virt.State) error {
+	name := dom.Name()
 	if r.DumpDir != "" {
 		r.P.Warn("Domain '%s' is not running: no state dump (-s) for it", name)
 	}
 	if r.BackupDir == "" {
-		r.P.Err("-b flag (directory) required for backing up the shut-off domain '%s'", name)
-		r.P.Err("Skipping backup of '%s'", name)
+		r.offlineNeedsBackupDir(name, before)
 		return ErrFailed
 	}
 	if r.Consolidate {
-		r.P.Err("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
 		if !r.AllKeyword {
+			r.P.Err("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
 			r.P.Err("Skipping consolidation/backup of '%s'", name)
 			return ErrFailed
 		}
+		// Under "all" the old tool went on with the backup and exited 0:
+		// the line is a warning, not an error.
+		r.P.Warn("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
 		r.P.Debug("Doing full backup (not consolidation) of '%s'", name)
-	}
-	dom, done, err := r.open(name, "backup")
-	if err != nil {
-		return err
-	}
-	defer done()
-	before, err := dom.State()
-	if err != nil {
-		r.P.Err("Cannot read the state of '%s': %s", name, virt.Describe(err))
-		return ErrFailed
 	}
 	disks, err := r.disksToCopy(dom)
 	if err != nil {
 		return err
 	}
 	failed := false
-	var all []string
-	for _, d := range disks {
+	chains := make([][]virt.Image, len(disks))
+	var files []string
+	for i, d := range disks {
 		chain, err := r.tool().Chain(ctx, d.Source)
 		if err != nil {
 			r.P.Err("Unable to read the backing chain of %s: %v", d.Source, err)
 			failed = true
 			continue
 		}
-		imgs := make([]virt.Image, len(chain))
-		for i, c := range chain {
-			imgs[i] = virt.Image{Path: c.Path, Format: c.Format}
-			all = append(all, c.Path)
+		for _, c := range chain {
+			chains[i] = append(chains[i], virt.Image{Path: c.Path, Format: c.Format})
+			files = append(files, c.Path)
 		}
-		if err := r.copyChain(ctx, name, imgs, true); err != nil {
+	}
+	if !failed {
+		if err := r.checkDestinations(ctx, name, files); err != nil {
+			return err
+		}
+	}
+	var listed oldFileList
+	for i, d := range disks {
+		if chains[i] == nil {
+			continue
+		}
+		r.offlineWalkLines(d.Source, chains[i], &listed)
+		if err := r.copyChain(ctx, name, chains[i], true); err != nil {
 			failed = true
 		}
 		if ctx.Err() != nil {
 			break
 		}
 	}
-	r.P.Debug("All %d block files for '%s': %s", len(all), name, strings.Join(all, " : "))
+	r.P.Debug("All %d block files for '%s': %s : %s", len(listed.files), name, listed.lastDisk, strings.Join(listed.files, " "))
 	// A domain started during the copy makes the copy a torn mix of
 	// moments: say so instead of calling it a backup.
 	after, err := dom.State()
@@ -344,6 +508,45 @@ func (r *Runner) Offline(ctx context.Context, name string) error {
 		return ErrFailed
 	}
 	return nil
+}
+
+// oldFileList reproduces the list behind the old tool's "All N block files"
+// debug line: per disk it wrote the first parent at index 0 and every
+// parent from index 1 on into one array, which kept the longer tail of an
+// earlier disk.
+type oldFileList struct {
+	files    []string
+	lastDisk string
+}
+
+// offlineWalkLines prints the old tool's offline debug lines for one disk
+// in its order (top first): the file copied, then for each parent its
+// name, its copy and the parent's own parent.
+func (r *Runner) offlineWalkLines(disk string, chain []virt.Image, l *oldFileList) {
+	r.P.Debug("Backing up: cp -up %s %s/", disk, r.BackupDir)
+	l.lastDisk = disk
+	first := ""
+	if len(chain) > 1 {
+		first = chain[1].Path
+	}
+	l.set(0, first)
+	for i := 1; i < len(chain); i++ {
+		l.set(i, chain[i].Path)
+		r.P.Debug("Parent block device: '%s'", chain[i].Path)
+		r.P.Debug("Backing up: cp -up %s %s/", chain[i].Path, r.BackupDir)
+		next := ""
+		if i+1 < len(chain) {
+			next = chain[i+1].Path
+		}
+		r.P.Debug("Next file in backing file chain: '%s'", next)
+	}
+}
+
+func (l *oldFileList) set(i int, v string) {
+	for len(l.files) <= i {
+		l.files = append(l.files, "")
+	}
+	l.files[i] = v
 }
 
 // fmtDur renders a duration for the [DEB] timing lines, e.g. "0.022s".

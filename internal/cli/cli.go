@@ -6,6 +6,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -26,13 +27,17 @@ import (
 
 // Env is everything Run needs from the outside world; tests replace parts.
 type Env struct {
-	Prog    string // $0 as typed, shown in usage and lock messages
+	Prog    string // $0 as the old script saw it, shown in usage and lock messages
 	Stdout  io.Writer
 	Stderr  io.Writer
 	Getenv  func(string) string
 	Connect func(uri string) (virt.Hypervisor, error)
 	Now     func() time.Time
 	LockDir string
+	// Signals delivers SIGINT/SIGTERM: the first stops the run after
+	// cleaning up, a second one exits at once through Exit.
+	Signals <-chan os.Signal
+	Exit    func(code int)
 }
 
 type app struct {
@@ -42,21 +47,32 @@ type app struct {
 
 // Main runs fi-backup with the real environment and returns the exit code.
 func Main(args []string, connect func(string) (virt.Hypervisor, error)) int {
-	ctx, stop := context.WithCancelCause(context.Background())
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	go func() {
-		s, ok := <-sigs
-		if ok {
-			stop(signalError{s.(syscall.Signal)})
-		}
-	}()
 	defer signal.Stop(sigs)
-	prog := os.Args[0]
-	return Run(ctx, Env{
-		Prog: prog, Stdout: os.Stdout, Stderr: os.Stderr, Getenv: os.Getenv,
-		Connect: connect, Now: time.Now, LockDir: lock.DefaultDir,
+	// A reader that went away (fi-backup … | head) must not kill the tool
+	// between a guest's pause and its resume: with SIGPIPE caught, a write
+	// to the closed pipe fails with EPIPE instead, which the printer
+	// remembers and Run turns into a non-zero exit at the end.
+	pipes := make(chan os.Signal, 1)
+	signal.Notify(pipes, syscall.SIGPIPE)
+	defer signal.Stop(pipes)
+	return Run(context.Background(), Env{
+		Prog: progName(os.Args[0], exec.LookPath), Stdout: os.Stdout, Stderr: os.Stderr, Getenv: os.Getenv,
+		Connect: connect, Now: time.Now, LockDir: lock.DefaultDir, Signals: sigs, Exit: os.Exit,
 	}, args)
+}
+
+// progName is $0 as bash showed it for the old script: a command found
+// through PATH is shown with the directory it was found in.
+func progName(argv0 string, lookPath func(string) (string, error)) string {
+	if argv0 == "" || strings.Contains(argv0, "/") {
+		return argv0
+	}
+	if p, err := lookPath(argv0); err == nil {
+		return p
+	}
+	return argv0
 }
 
 type signalError struct{ sig syscall.Signal }
@@ -73,6 +89,11 @@ func Run(ctx context.Context, env Env, args []string) int {
 		a.Now = time.Now
 	}
 	a.p = logging.New(env.Stdout, false, false)
+	ctx, stop := context.WithCancelCause(ctx)
+	defer stop(nil)
+	if env.Signals != nil {
+		go a.watchSignals(env.Signals, stop)
+	}
 	o, err := a.parse(args)
 	if err != nil {
 		return exitCode(err)
@@ -81,9 +102,47 @@ func Run(ctx context.Context, env Env, args []string) int {
 	var se signalError
 	if errors.As(context.Cause(ctx), &se) {
 		a.p.Err("Interrupted by %s: stopped after cleaning up", unix.SignalName(se.sig))
-		return 128 + int(se.sig)
+		code = 128 + int(se.sig)
+	}
+	if err := a.p.WriteErr(); err != nil {
+		fmt.Fprintf(a.Stderr, "fi-backup: output lost: %v\n", err)
+		if code == ExitOK {
+			code = ExitFailure
+		}
 	}
 	return code
+}
+
+// watchSignals: the first SIGINT/SIGTERM cancels the run, which then cleans
+// up (aborts its block job, resumes a paused guest, removes temporary
+// files) and exits 130/143. Cleanup can wait on libvirt for many seconds; a
+// second signal (an impatient admin, cron's timeout) exits at once. What is
+// left then is recorded in the journal, and the next run recovers it.
+func (a *app) watchSignals(sigs <-chan os.Signal, stop context.CancelCauseFunc) {
+	first, ok := <-sigs
+	if !ok {
+		return
+	}
+	stop(signalError{first.(syscall.Signal)})
+	// Said at once (never blocking this goroutine: stdout may be a full
+	// pipe), so the admin knows what is going on and what a second signal does.
+	go a.p.Info("Interrupted by %s: cleaning up (a second signal exits at once)", unix.SignalName(first.(syscall.Signal)))
+	second, ok := <-sigs
+	if !ok {
+		return
+	}
+	sig := second.(syscall.Signal)
+	done := make(chan struct{})
+	go func() {
+		// Best effort: stdout may be a full pipe.
+		a.p.Err("Interrupted again by %s: exiting without cleaning up; the next run recovers what this one left (see the journal in %s)", unix.SignalName(sig), a.LockDir)
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(time.Second):
+	}
+	a.Exit(128 + int(sig))
 }
 
 func exitCode(err error) int {
@@ -112,7 +171,7 @@ func (a *app) run(ctx context.Context, o *Options) int {
 		}
 	}()
 	if o.Consolidate {
-		if o.Quiesce {
+		if o.Quiesce && !o.Snapshot {
 			a.usage("consolidation (-c | -C) and quiesce (-q) are not compatible")
 			return ExitFailure
 		}
@@ -134,36 +193,40 @@ func (a *app) run(ctx context.Context, o *Options) int {
 	if !ok {
 		return ExitDependency
 	}
-	if len(o.Args) == 0 && !o.AllRunning {
+	// Empty arguments are not domain names: `fi-backup -b DIR "$DOMAINS"`
+	// with an empty $DOMAINS is "no domain given", as with the old script.
+	var args []string
+	for _, arg := range o.Args {
+		if strings.TrimSpace(arg) != "" {
+			args = append(args, arg)
+		}
+	}
+	if len(args) == 0 && !o.AllRunning {
 		a.usage("<domain name> is missing!")
 		return ExitNoDomain
 	}
-	if len(o.Args) > 0 && o.AllRunning {
+	if len(args) > 0 && o.AllRunning {
 		a.usage("Setting all_running (-r) and specifying domains not compatible")
 		return ExitNoDomain
 	}
-	sel := a.selectDomains(hyp, o)
 	r := &backup.Runner{
 		P: a.p, Hyp: hyp, Prog: a.Prog, Now: a.Now, LockDir: a.LockDir,
 		QemuImg:   qemuImg,
 		BackupDir: o.BackupDir, DumpDir: o.DumpDir, Snapshot: o.Snapshot,
 		Consolidate: o.Consolidate, Method: o.Method, Quiesce: o.Quiesce,
-		JobTimeout: o.JobTimeout, AllKeyword: sel.allKeyword,
+		JobTimeout: o.JobTimeout, RateLimit: o.RateLimit,
 	}
+	// A guest a killed -s run left paused is resumed before the domains
+	// are listed, so that -r and all find it running again.
+	r.RecoverAll(ctx)
+	sel := a.selectDomains(hyp, args, o.AllRunning)
+	r.AllKeyword = sel.allKeyword
 	failed := sel.failed
-	for _, name := range sel.running {
+	for _, d := range append(sel.running, sel.offline...) {
 		if ctx.Err() != nil {
 			break
 		}
-		if err := r.Online(ctx, name); err != nil {
-			failed = true
-		}
-	}
-	for _, name := range sel.offline {
-		if ctx.Err() != nil {
-			break
-		}
-		if err := r.Offline(ctx, name); err != nil {
+		if err := r.Run(ctx, d.name, d.state); err != nil {
 			failed = true
 		}
 	}
@@ -248,17 +311,23 @@ func (a *app) checkDependencies(hyp virt.Hypervisor, connErr error) (string, boo
 }
 
 type selection struct {
-	running, offline []string
+	running, offline []selected
 	failed           bool // a named domain could not be used
 	allKeyword       bool
 }
 
+type selected struct {
+	name  string
+	state virt.State
+}
+
 // selectDomains turns the positional arguments into the running and
-// not-running lists, from libvirt's state enums.
-func (a *app) selectDomains(hyp virt.Hypervisor, o *Options) selection {
+// not-running lists, from libvirt's state enums, in libvirt's order for
+// all/-r and in the order given for names.
+func (a *app) selectDomains(hyp virt.Hypervisor, args []string, allRunning bool) selection {
 	var sel selection
 	var names []string
-	for _, arg := range o.Args {
+	for _, arg := range args {
 		if arg == "all" {
 			sel.allKeyword = true
 			continue
@@ -271,31 +340,41 @@ func (a *app) selectDomains(hyp virt.Hypervisor, o *Options) selection {
 		}
 		names = append(names, strings.Fields(arg)...)
 	}
+	// The old debug lines: a list from `virsh list` came one name per line;
+	// named domains were appended with a leading space each.
+	var runLine, offLine []string
 	seen := map[string]bool{}
-	add := func(list *[]string, n string) {
-		if !seen[n] {
-			seen[n] = true
-			*list = append(*list, n)
+	add := func(list *[]selected, line *[]string, n string, st virt.State, sep string) {
+		if seen[n] {
+			return
 		}
+		seen[n] = true
+		*list = append(*list, selected{n, st})
+		if sep == "\n" && len(*line) == 0 {
+			sep = ""
+		}
+		*line = append(*line, sep+n)
 	}
-	if o.AllRunning || sel.allKeyword {
-		running, err := hyp.List(virt.ListRunning)
+	listed := func(f virt.Filter, what string) []string {
+		names, err := hyp.List(f)
 		if err != nil {
-			a.p.Err("Cannot list running domains: %s", virt.Describe(err))
+			a.p.Err("Cannot list %s domains: %s", what, virt.Describe(err))
 			sel.failed = true
 		}
-		for _, n := range running {
-			add(&sel.running, n)
+		return names
+	}
+	if allRunning || sel.allKeyword {
+		for _, n := range listed(virt.ListRunning, "running") {
+			add(&sel.running, &runLine, n, virt.StateRunning, "\n")
 		}
 	}
 	if sel.allKeyword {
-		offline, err := hyp.List(virt.ListShutoffPaused)
-		if err != nil {
-			a.p.Err("Cannot list shut-off domains: %s", virt.Describe(err))
-			sel.failed = true
-		}
-		for _, n := range offline {
-			add(&sel.offline, n)
+		for _, n := range listed(virt.ListShutoffPaused, "shut-off") {
+			st, err := domainState(hyp, n)
+			if err != nil {
+				continue // undefined meanwhile
+			}
+			add(&sel.offline, &offLine, n, st, "\n")
 		}
 		every, err := hyp.List(virt.ListAll)
 		if err == nil {
@@ -317,17 +396,17 @@ func (a *app) selectDomains(hyp virt.Hypervisor, o *Options) selection {
 			sel.failed = true
 			seen[n] = true
 		case st == virt.StateRunning || st == virt.StateBlocked:
-			add(&sel.running, n)
+			add(&sel.running, &runLine, n, st, " ")
 		case st == virt.StateShutoff || st == virt.StatePaused || st == virt.StateCrashed:
-			add(&sel.offline, n)
+			add(&sel.offline, &offLine, n, st, " ")
 		default:
 			a.p.Err("Domain '%s' is %s: skipping it", n, st)
 			sel.failed = true
 			seen[n] = true
 		}
 	}
-	a.p.Debug("Domains NOTRUNNING to backup: %s", strings.Join(sel.offline, " "))
-	a.p.Debug("Domains RUNNING to backup: %s", strings.Join(sel.running, " "))
+	a.p.Debug("Domains NOTRUNNING to backup: %s", strings.Join(offLine, ""))
+	a.p.Debug("Domains RUNNING to backup: %s", strings.Join(runLine, ""))
 	return sel
 }
 

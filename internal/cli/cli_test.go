@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -58,7 +61,24 @@ func (h *harness) run(t *testing.T, args ...string) (stdout, stderr string, code
 		LockDir: h.lockDir,
 	}, args)
 	assert.Zero(t, h.fake.OpenDomains(), "every looked-up domain is closed")
+	assertErrMeansFailure(t, so.String(), se.String(), code)
 	return so.String(), se.String(), code
+}
+
+// assertErrMeansFailure pins "[ERR] ⇔ non-zero exit" for every run: an
+// [ERR] line is never followed by exit 0, and a failure always says why on
+// stdout ([ERR]) — except the old tool's own exceptions: getopt's
+// diagnostics on stderr, and -h (usage, exit 1).
+func assertErrMeansFailure(t *testing.T, stdout, stderr string, code int) {
+	t.Helper()
+	hasErr := strings.Contains(stdout, "[ERR] ")
+	if hasErr {
+		assert.NotZero(t, code, "an [ERR] line was printed but the exit code is 0:\n%s", stdout)
+	}
+	isHelp := strings.HasPrefix(stdout, "   fi-backup version ")
+	if code != 0 && stderr == "" && !isHelp {
+		assert.True(t, hasErr, "exit %d without an [ERR] line:\n%s", code, stdout)
+	}
 }
 
 func usageWith(msg string) string {
@@ -91,7 +111,9 @@ func TestExitCodeTable(t *testing.T) {
 		{name: "cc bundled", args: []string{"-cc", "dom"}, code: 1, stdout: usageWith("-c or -C already specified!")},
 		{name: "consolidate and quiesce", args: []string{"-c", "-q", "dom"}, code: 1, stdout: usageWith("consolidation (-c | -C) and quiesce (-q) are not compatible")},
 		{name: "consolidate and dump", args: []string{"-C", "-s", dir, "dom"}, code: 1, stdout: usageWith("consolidation (-c | -C) and dump state (-s) are not compatible")},
-		{name: "quiesce checked before dump", args: []string{"-C", "-s", dir, "-q", "dom"}, code: 1, stdout: usageWith("consolidation (-c | -C) and quiesce (-q) are not compatible")},
+		{name: "quiesce checked before dump", args: []string{"-c", "-s", dir, "-q", "dom"}, code: 1, stdout: usageWith("consolidation (-c | -C) and quiesce (-q) are not compatible")},
+		{name: "quiesce allowed with -C", args: []string{"-C", "-q", "dom"}, code: 0, stdout: "[INF] libVirt version '9.0.0' support is experimental\n"},
+		{name: "dump still refused with -C and -q", args: []string{"-C", "-s", dir, "-q", "dom"}, code: 1, stdout: usageWith("consolidation (-c | -C) and dump state (-s) are not compatible")},
 		{name: "dump and quiesce", args: []string{"-s", dir, "-q", "dom"}, code: 1, stdout: usageWith("dump state (-s) and quiesce (-q) are not compatible")},
 		{name: "no domain", args: []string{}, code: 2, contains: []string{"[ERR] <domain name> is missing!"}},
 		{name: "no domain after options", args: []string{"-d", "-b", dir}, code: 2, contains: []string{"[ERR] <domain name> is missing!"}},
@@ -192,7 +214,7 @@ func TestB14LongConsolidateAndSnapshot(t *testing.T) {
 	assert.Equal(t, 0, code)
 	assert.Equal(t, []string{"dom@bimg-20240102-030405"}, h.snapshots)
 	assert.Contains(t, so, "[DEB] Consolidation of block devices for 'dom' requested")
-	assert.Contains(t, so, "[DEB] Domains RUNNING to backup: dom\n", "-d after the option is honoured")
+	assert.Contains(t, so, "[DEB] Domains RUNNING to backup:  dom\n", "-d after the option is honoured")
 }
 
 // TestB15B16DomainArguments: every positional argument names domains, one
@@ -242,7 +264,7 @@ func TestStatesAndAll(t *testing.T) {
 	so, _, code := h.run(t, "-d", "-b", t.TempDir(), "all")
 	assert.Equal(t, 0, code, "skipping a suspended domain under all is a warning")
 	assert.Contains(t, so, "[WAR] Skipping domain 'sus': it is neither running, paused nor shut off\n")
-	assert.Contains(t, so, "[DEB] Domains NOTRUNNING to backup: off pause\n[DEB] Domains RUNNING to backup: run\n")
+	assert.Contains(t, so, "[DEB] Domains NOTRUNNING to backup: off\npause\n[DEB] Domains RUNNING to backup: run\n", "virsh list's one name per line")
 
 	h = newHarness(t, states)
 	so, _, code = h.run(t, "-b", t.TempDir(), "sus")
@@ -323,4 +345,184 @@ func TestDomainNameWithSpace(t *testing.T) {
 	_, _, code := h.run(t, "my vm", "a b")
 	assert.Equal(t, 0, code)
 	assert.Equal(t, []string{"my vm@bimg-20240102-030405", "a@bimg-20240102-030405", "b@bimg-20240102-030405"}, h.snapshots)
+}
+
+// TestEmptyArguments: empty arguments are not domain names. An empty
+// $DOMAINS in a cron line is "no domain given" (exit 2), as with the old
+// script; "-r ”" backs up the running domains, as before.
+func TestEmptyArguments(t *testing.T) {
+	for _, args := range [][]string{{"-b", t.TempDir(), ""}, {""}, {" ", "\t"}} {
+		h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning})
+		so, _, code := h.run(t, args...)
+		assert.Equal(t, ExitNoDomain, code, "%q", args)
+		assert.Contains(t, so, "[ERR] <domain name> is missing!")
+		assert.Empty(t, h.snapshots)
+	}
+	h := newHarness(t, map[string]virt.State{"run": virt.StateRunning, "off": virt.StateShutoff})
+	_, _, code := h.run(t, "-r", "")
+	assert.Equal(t, 0, code)
+	assert.Equal(t, []string{"run@bimg-20240102-030405"}, h.snapshots)
+}
+
+// TestProgName: $0 as bash showed it: a name found through PATH comes with
+// its directory; a path as typed stays as typed.
+func TestProgName(t *testing.T) {
+	look := func(name string) (string, error) {
+		if name == "fi-backup" {
+			return "/usr/local/sbin/fi-backup", nil
+		}
+		return "", errors.New("not found")
+	}
+	assert.Equal(t, "/usr/local/sbin/fi-backup", progName("fi-backup", look))
+	assert.Equal(t, "./fi-backup", progName("./fi-backup", look))
+	assert.Equal(t, "/opt/fi-backup", progName("/opt/fi-backup", look))
+	assert.Equal(t, "other", progName("other", look))
+}
+
+// TestLockContentionWithConsolidateAndSnapshot: -C skips both phases of a
+// locked domain and, as the old tool did, says so for each.
+func TestLockContentionWithConsolidateAndSnapshot(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning})
+	l, err := lock.TryLock(h.lockDir, "dom")
+	require.NoError(t, err)
+	defer l.Unlock()
+	so, _, code := h.run(t, "-C", "dom")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] Another instance of ./fi-backup is already running on 'dom'! Skipping backup of 'dom'\n"+
+		"[ERR] Another instance of ./fi-backup is already running on 'dom'! Skipping consolidation of 'dom'\n")
+}
+
+// TestDomainOrder: all and -r go through the domains in libvirt's (virsh
+// list's) order: running domains by ID, then the others by name.
+func TestDomainOrder(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"a": virt.StateRunning, "b": virt.StateRunning, "Zed": virt.StateShutoff, "carl": virt.StateShutoff})
+	h.fake.IDs = map[string]int{"a": 7, "b": 3}
+	so, _, code := h.run(t, "-d", "-b", t.TempDir(), "all")
+	assert.Equal(t, 0, code)
+	assert.Equal(t, []string{"b@bimg-20240102-030405", "a@bimg-20240102-030405"}, h.snapshots)
+	assert.Contains(t, so, "[DEB] Domains NOTRUNNING to backup: carl\nZed\n[DEB] Domains RUNNING to backup: b\na\n")
+	assert.Less(t, strings.Index(so, "All 0 block files for 'carl'"), strings.Index(so, "All 0 block files for 'Zed'"))
+}
+
+// TestPausedDomainWording: a paused domain is called paused, not shut-off.
+func TestPausedDomainWording(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"p": virt.StatePaused, "off": virt.StateShutoff})
+	so, _, code := h.run(t, "-c", "all")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] -b flag (directory) required for backing up the paused domain 'p'\n")
+	assert.Contains(t, so, "[ERR] -b flag (directory) required for backing up the shut-off domain 'off'\n")
+}
+
+// TestStateReadAgainUnderLock: a domain listed as shut off that is started
+// before its turn is backed up online (snapshot), never copied offline as
+// if its disks were at rest.
+func TestStateReadAgainUnderLock(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"a": virt.StateRunning, "b": virt.StateShutoff})
+	h.fake.Snapshot = func(name string, spec virt.SnapshotSpec) error {
+		h.snapshots = append(h.snapshots, name+"@"+spec.Name)
+		if name == "a" {
+			h.fake.States["b"] = virt.StateRunning // someone starts b meanwhile
+		}
+		return nil
+	}
+	so, _, code := h.run(t, "-d", "-b", t.TempDir(), "a", "b")
+	assert.Equal(t, 0, code)
+	assert.Contains(t, so, "[DEB] Domains NOTRUNNING to backup:  b\n")
+	assert.Equal(t, []string{"a@bimg-20240102-030405", "b@bimg-20240102-030405"}, h.snapshots)
+	assert.NotContains(t, so, "All 0 block files for 'b'", "no offline copy of a running domain")
+}
+
+// TestRunningOnlyResumesJournaledPausedGuest: a guest left paused by a
+// killed -s run is resumed before -r lists the running domains, and then
+// backed up with them.
+func TestRunningOnlyResumesJournaledPausedGuest(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"run": virt.StateRunning, "p": virt.StatePaused})
+	require.NoError(t, os.WriteFile(filepath.Join(h.lockDir, "p.fi-backup.job"), []byte(`{"domain":"p","kind":"dump","pid":4242}`), 0o600))
+	var cmds []string
+	h.fake.QMP = func(name, cmd string) (string, error) {
+		cmds = append(cmds, name+" "+cmd)
+		return `{"return":{}}`, nil
+	}
+	h.fake.Resume = func(name string) error {
+		h.fake.States[name] = virt.StateRunning
+		return nil
+	}
+	so, _, code := h.run(t, "-d", "-r")
+	assert.Equal(t, 0, code)
+	assert.Contains(t, so, "[WAR] Resumed domain 'p', left paused by an interrupted fi-backup -s run (pid 4242)\n")
+	assert.Equal(t, []string{`p {"execute":"migrate_cancel"}`}, cmds)
+	assert.ElementsMatch(t, []string{"run@bimg-20240102-030405", "p@bimg-20240102-030405"}, h.snapshots)
+	assert.NoFileExists(t, filepath.Join(h.lockDir, "p.fi-backup.job"))
+}
+
+// TestSecondSignalExitsAtOnce: the first SIGTERM asks for a clean stop;
+// while the cleanup hangs (here: a libvirt call that never returns), a
+// second one exits at once with 143.
+func TestSecondSignalExitsAtOnce(t *testing.T) {
+	h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning})
+	entered := make(chan struct{})
+	hang := make(chan struct{})
+	defer close(hang)
+	h.fake.Snapshot = func(string, virt.SnapshotSpec) error {
+		close(entered)
+		<-hang
+		return nil
+	}
+	sigs := make(chan os.Signal, 2)
+	exited := make(chan int, 1)
+	var so syncWriter
+	go Run(context.Background(), Env{
+		Prog: "./fi-backup", Stdout: &so, Stderr: io.Discard,
+		Getenv:  func(k string) string { return h.env[k] },
+		Connect: func(string) (virt.Hypervisor, error) { return h.fake, nil },
+		LockDir: h.lockDir, Signals: sigs,
+		Exit: func(code int) { exited <- code },
+	}, []string{"dom"})
+	<-entered
+	sigs <- syscall.SIGTERM
+	sigs <- syscall.SIGTERM
+	select {
+	case code := <-exited:
+		assert.Equal(t, 143, code)
+	case <-time.After(10 * time.Second):
+		t.Fatal("a second SIGTERM did not exit")
+	}
+	assert.Contains(t, so.String(), "[ERR] Interrupted again by SIGTERM: exiting without cleaning up")
+}
+
+type syncWriter struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (w *syncWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (w *syncWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.String()
+}
+
+// TestConsolidateOnlyOurOverlays: a disk whose top is not one of this
+// tool's overlays (a -c after an earlier -c, or after a failed backup) has
+// nothing to consolidate: no job starts, for either method, whatever lies
+// below (here a golden image other domains use), and the run succeeds.
+func TestConsolidateOnlyOurOverlays(t *testing.T) {
+	for _, method := range []string{"blockcommit", "blockpull"} {
+		h := newHarness(t, map[string]virt.State{"dom": virt.StateRunning, "other": virt.StateShutoff})
+		golden := virt.Image{Path: "/img/golden.qcow2", Format: "qcow2"}
+		h.fake.Disks["dom"] = []virt.Disk{{Target: "vda", Device: "disk", Type: "file", Source: "/img/vm.qcow2", Format: "qcow2",
+			Chain: []virt.Image{{Path: "/img/vm.qcow2", Format: "qcow2"}, golden}, Complete: true}}
+		h.fake.Disks["other"] = []virt.Disk{{Target: "vda", Device: "disk", Type: "file", Source: "/img/other.qcow2",
+			Chain: []virt.Image{{Path: "/img/other.qcow2"}, golden}, Complete: true}}
+		so, _, code := h.run(t, "-d", "-m", method, "-c", "dom")
+		assert.Equal(t, 0, code, method)
+		assert.Contains(t, so, "[INF] No backup overlay (.bimg-) on top of '/img/vm.qcow2' for 'dom'. Nothing to do.\n", method)
+		assert.NotContains(t, so, "Committing into", method)
+		assert.NotContains(t, so, "[ERR]", method)
+	}
 }

@@ -114,13 +114,14 @@ func getoptScan(prog string, defs []optDef, args []string, posixlyCorrect bool, 
 
 // matchLong finds the long option name abbreviates: an exact match wins;
 // otherwise exactly one prefix match; several prefix matches are ambiguous.
+// As in getopt_long, the empty name ("--=x") is a prefix of every option.
 func matchLong(defs []optDef, name string) (*optDef, []*optDef) {
 	var matches []*optDef
 	for i := range defs {
 		if defs[i].long == name {
 			return &defs[i], nil
 		}
-		if name != "" && strings.HasPrefix(defs[i].long, name) {
+		if strings.HasPrefix(defs[i].long, name) {
 			matches = append(matches, &defs[i])
 		}
 	}

@@ -46,6 +46,10 @@ var getoptCases = [][]string{
 	{"", "dom", ""},
 	{"dom1 dom2", "-v"},
 	{"-x", "--y", "--cons", "-b"},
+	{"--=x", "dom"},
+	{"--=", "dom"},
+	{"--ra=1M", "dom"},
+	{"--j", "1m", "dom"},
 }
 
 // TestGetoptMatchesUtilLinux compares the parser with the real getopt(1):
@@ -56,9 +60,6 @@ func TestGetoptMatchesUtilLinux(t *testing.T) {
 	defs := getoptDefs(newFlagSet())
 	var longs []string
 	for _, d := range defs {
-		if d.long == "job_timeout" {
-			continue // our long-only addition
-		}
 		if d.hasArg {
 			longs = append(longs, d.long+":")
 		} else {
@@ -105,3 +106,41 @@ func render(opts []scanned, pos []string) string {
 }
 
 func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// TestOldPrefixesKeepTheirMeaning: every abbreviation that named a long
+// option of the old script, or of fi-backup 3.0.0, names the same option
+// today (new long options must never make one ambiguous or steal it).
+func TestOldPrefixesKeepTheirMeaning(t *testing.T) {
+	oldScript := []string{"backup_dir", "consolidate_only", "consolidate_and_snapshot", "method",
+		"quiesce", "all_running", "dump_state_dir", "debug", "help", "version", "verbose"}
+	v300 := append(append([]string(nil), oldScript...), "job_timeout")
+	now := getoptDefs(newFlagSet())
+	for _, set := range [][]string{oldScript, v300} {
+		var old []optDef
+		for _, n := range set {
+			old = append(old, optDef{long: n})
+		}
+		checked := 0
+		for _, name := range set {
+			for i := 1; i <= len(name); i++ {
+				prefix := name[:i]
+				was, _ := matchLong(old, prefix)
+				if was == nil {
+					continue // ambiguous back then: free to mean anything now
+				}
+				is, amb := matchLong(now, prefix)
+				if assert.NotNil(t, is, "--%s became ambiguous (%d matches)", prefix, len(amb)) {
+					assert.Equal(t, was.long, is.long, "--%s changed meaning", prefix)
+				}
+				checked++
+			}
+		}
+		assert.Greater(t, checked, 70, "the loop saw the prefixes")
+	}
+	for prefix, want := range map[string]string{"b": "backup_dir", "h": "help", "m": "method", "q": "quiesce",
+		"a": "all_running", "de": "debug", "du": "dump_state_dir", "verb": "verbose", "vers": "version", "j": "job_timeout"} {
+		is, _ := matchLong(now, prefix)
+		require.NotNil(t, is, prefix)
+		assert.Equal(t, want, is.long, "--%s", prefix)
+	}
+}

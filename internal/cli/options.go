@@ -3,7 +3,9 @@ package cli
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -43,6 +45,7 @@ type Options struct {
 	Debug       bool
 	Verbose     bool
 	JobTimeout  time.Duration
+	RateLimit   int64    // bytes/s, 0: unlimited
 	Args        []string // positional arguments as given
 }
 
@@ -55,7 +58,7 @@ func (e exitNow) Error() string { return fmt.Sprintf("exit %d", e.code) }
 // longOrder is getopt's long option list as the old script passed it; the
 // order decides how ambiguity diagnostics list their possibilities.
 var longOrder = []string{"backup_dir", "consolidate_only", "consolidate_and_snapshot", "method",
-	"quiesce", "all_running", "dump_state_dir", "debug", "help", "version", "verbose", "job_timeout"}
+	"quiesce", "all_running", "dump_state_dir", "debug", "help", "version", "verbose", "job_timeout", "rate_limit"}
 
 func newFlagSet() *pflag.FlagSet {
 	fs := pflag.NewFlagSet("fi-backup", pflag.ContinueOnError)
@@ -72,6 +75,7 @@ func newFlagSet() *pflag.FlagSet {
 	fs.BoolP("verbose", "v", false, "Verbose")
 	fs.BoolP("version", "V", false, "Print version and exit")
 	fs.Duration("job_timeout", defaultJobTimeout, "Give up a consolidation job that is not ready after this long")
+	fs.String("rate_limit", "", "Copy and consolidate at most this many bytes per second (K, M, G suffixes)")
 	return fs
 }
 
@@ -172,6 +176,13 @@ func (a *app) parse(args []string) (*Options, error) {
 				return exitNow{ExitFailure}
 			}
 			o.JobTimeout = d
+		case "rate_limit":
+			n, err := parseRate(value)
+			if err != nil {
+				a.usage("--rate_limit requires a positive number of bytes per second, with an optional K, M or G suffix (e.g. 50M)")
+				return exitNow{ExitFailure}
+			}
+			o.RateLimit = n
 		}
 		return nil
 	})
@@ -227,6 +238,7 @@ const usageText = `   fi-backup version %s - Go reimplementation of fi-backup.sh
       --backup_dir --consolidate_only --consolidate_and_snapshot --method --quiesce
       --all_running --dump_state_dir --debug --help --verbose --version
       --job_timeout <duration>   Consolidation job timeout (default 30m)
+      --rate_limit <rate>        Copy and consolidate at most <rate> bytes/s (K, M, G suffixes)
 
    Version Requirements:
       qemu_img >= 1.2.0
@@ -234,3 +246,29 @@ const usageText = `   fi-backup version %s - Go reimplementation of fi-backup.sh
       libvirt  >= 0.9.13
 
 `
+
+// parseRate reads a rate in bytes per second: digits with an optional K, M,
+// G or T suffix (powers of 1024, any case).
+func parseRate(v string) (int64, error) {
+	mult := int64(1)
+	if n := len(v); n > 0 {
+		switch v[n-1] {
+		case 'k', 'K':
+			mult = 1 << 10
+		case 'm', 'M':
+			mult = 1 << 20
+		case 'g', 'G':
+			mult = 1 << 30
+		case 't', 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			v = v[:n-1]
+		}
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n <= 0 || n > math.MaxInt64/mult {
+		return 0, fmt.Errorf("invalid rate %q", v)
+	}
+	return n * mult, nil
+}

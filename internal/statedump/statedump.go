@@ -205,6 +205,9 @@ func Start(ctx context.Context, m Monitor, opt Options) (*Dump, error) {
 		return fail("cannot create the state file in '%s': %v", dir, unwrapPath(err))
 	}
 	d.f, d.tmp = f, f.Name()
+	// The old tool's progress lines, at the matching moments.
+	d.log.Debug("Waiting for dump file '%s' to be created", d.path)
+	d.log.Debug("Dump file '%s' created", d.path)
 	r, w, err := os.Pipe()
 	if err != nil {
 		return fail("cannot create a pipe: %v", err)
@@ -245,10 +248,12 @@ func Start(ctx context.Context, m Monitor, opt Options) (*Dump, error) {
 		d.closeFD()
 		return d.abort(r, pm, fmt.Errorf("QEMU refused the migration: %s", virt.Describe(err)))
 	}
+	d.log.Debug("Waiting for '%s' to be paused", d.name)
 	mig, err := d.wait(ctx, pm, started)
 	if err != nil {
 		return d.abort(r, pm, err)
 	}
+	d.log.Debug("Domain paused!")
 	completedAt := time.Now()
 	d.pausedAt = completedAt
 	if mig.Downtime != nil && *mig.Downtime >= 0 {
