@@ -9,8 +9,16 @@ while IFS= read -r dom; do
 	case "$dom" in fibt-*) ;; *) continue ;; esac
 	virsh -q -c qemu:///system destroy "$dom" >/dev/null 2>&1
 	virsh -q -c qemu:///system undefine "$dom" >/dev/null 2>&1
-	rm -f "/var/lock/$dom.fi-backup.lock"
+	rm -f "/var/lock/$dom.fi-backup.lock" "/var/lock/$dom.fi-backup.job"
 	echo "sweep: removed domain $dom"
 done < <(virsh -q -c qemu:///system list --all --name 2>/dev/null)
+# A definition libvirtd wrote for a transient domain stays on disk after the
+# domain is gone; the next libvirtd start would load it as a defined domain.
+for f in /etc/libvirt/qemu/fibt-*.xml; do
+	[ -e "$f" ] || continue
+	rm -f "$f"
+	echo "sweep: removed stale definition $f"
+done
+rm -f /var/lock/fibt-*.fi-backup.job
 rm -rf /tmp/fibt-* 2>/dev/null
 exit 0

@@ -34,15 +34,26 @@ var (
 // requireLibvirt skips or fails (in CI) when libvirtd cannot be reached.
 func requireLibvirt(t *testing.T) {
 	t.Helper()
-	if testing.Short() && os.Getenv("CI") != "true" {
+	if testing.Short() && !noSkip() {
 		t.Skip("integration test skipped in -short mode")
 	}
 	out, err := exec.Command("virsh", "-q", "-c", uri, "uri").CombinedOutput()
 	if err == nil {
 		return
 	}
-	msg := fmt.Sprintf("libvirtd not reachable (%v: %s); run scripts/setup-host.sh", err, bytes.TrimSpace(out))
-	if os.Getenv("CI") == "true" || os.Getenv("FI_BACKUP_TEST_DISALLOW_SKIP") == "1" {
+	skipOrFail(t, fmt.Sprintf("libvirtd not reachable (%v: %s); run scripts/setup-host.sh", err, bytes.TrimSpace(out)))
+}
+
+// noSkip: in CI (CI=true, or FI_BACKUP_TEST_DISALLOW_SKIP=1 as make test
+// sets) an integration test never skips.
+func noSkip() bool {
+	return os.Getenv("CI") == "true" || os.Getenv("FI_BACKUP_TEST_DISALLOW_SKIP") == "1"
+}
+
+// skipOrFail skips the test, or fails it where skipping is not allowed.
+func skipOrFail(t *testing.T, msg string) {
+	t.Helper()
+	if noSkip() {
 		t.Fatal(msg)
 	}
 	t.Skip(msg)
@@ -86,7 +97,18 @@ func run(t *testing.T, args ...string) result {
 		require.NoError(t, err)
 	}
 	t.Logf("fi-backup %s → %d\n%s%s", strings.Join(args, " "), code, so.String(), se.String())
+	assertErrMeansFailure(t, so.String(), code)
 	return result{so.String(), se.String(), code}
+}
+
+// assertErrMeansFailure pins "[ERR] ⇔ non-zero exit" on every run of the
+// binary: an [ERR] line never ends in exit 0, a failure always has one
+// (the old tool's exceptions, getopt diagnostics and -h, do not occur in
+// these tests).
+func assertErrMeansFailure(t *testing.T, stdout string, code int) {
+	t.Helper()
+	hasErr := strings.Contains(stdout, "[ERR] ")
+	assert.Equal(t, code != 0, hasErr, "[ERR] must be printed exactly when the exit code is non-zero (exit %d)", code)
 }
 
 func sh(t *testing.T, name string, args ...string) string {

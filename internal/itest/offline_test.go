@@ -60,7 +60,7 @@ func TestOfflineT0(t *testing.T) {
 	r := run(t, "-d", "-b", bk, d1.Name, d2.Name)
 	require.Equal(t, 0, r.Code, "T0 with -d")
 	assert.Empty(t, r.Stderr)
-	assert.Contains(t, r.Stdout, "[DEB] Domains NOTRUNNING to backup: "+d1.Name+" "+d2.Name+"\n")
+	assert.Contains(t, r.Stdout, "[DEB] Domains NOTRUNNING to backup:  "+d1.Name+" "+d2.Name+"\n")
 	assert.ElementsMatch(t, names, files(t, bk), "every file of every chain, nothing else")
 	for n, src := range srcs {
 		dst := filepath.Join(bk, n)
@@ -290,7 +290,7 @@ func TestOfflinePausedDomain(t *testing.T) {
 	bk := backupDir(t, "backup paused dir")
 	r := run(t, "-d", "-b", bk, d.Name)
 	require.Equal(t, 0, r.Code)
-	assert.Contains(t, r.Stdout, "[DEB] Domains NOTRUNNING to backup: "+d.Name+"\n")
+	assert.Contains(t, r.Stdout, "[DEB] Domains NOTRUNNING to backup:  "+d.Name+"\n")
 	assert.NotContains(t, r.Stdout, "snapshot-create", "no snapshot of a paused domain")
 	assert.ElementsMatch(t, []string{"paused base.qcow2", "paused top.qcow2"}, files(t, bk))
 	topCopy := filepath.Join(bk, "paused top.qcow2")

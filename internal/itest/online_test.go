@@ -1,12 +1,14 @@
 package itest
 
 import (
+	"bufio"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -97,7 +99,7 @@ func TestOnlineT1T2(t *testing.T) {
 		nextSecond()
 		r = run(t, "-d", "-b", bk, d1.Name+" "+d2.Name)
 		require.Equal(t, 0, r.Code)
-		assert.Contains(t, r.Stdout, "[DEB] Domains RUNNING to backup: "+d1.Name+" "+d2.Name+"\n")
+		assert.Contains(t, r.Stdout, "[DEB] Domains RUNNING to backup:  "+d1.Name+" "+d2.Name+"\n")
 	}
 	assert.Len(t, overlays(t, d1.Dir), 4)
 }
@@ -157,30 +159,52 @@ func TestRestorePointTruth(t *testing.T) {
 
 // TestLockContention: a second fi-backup, and the old script's flock on the
 // same path, both make a run fail with the old message; nothing is changed.
+// The program name in the message is $0 as bash showed it: found through
+// PATH, it comes with its directory.
 func TestLockContention(t *testing.T) {
 	d := newDomain(t, "lock", domOpts{})
 	lockPath := "/var/lock/" + d.Name + ".fi-backup.lock"
-	// flock(1) holds the lock the way the old script did; its child sleep
-	// inherits the descriptor, so the whole process group is killed.
-	holder := exec.Command("flock", "-n", lockPath, "sleep", "30")
-	holder.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	require.NoError(t, holder.Start())
-	release := func() { _ = syscall.Kill(-holder.Process.Pid, syscall.SIGKILL); _ = holder.Wait() }
-	t.Cleanup(release)
-	waitFor(t, func() bool {
-		return exec.Command("flock", "-n", lockPath, "true").Run() != nil
-	})
+	release := holdLock(t, lockPath)
 	bk := t.TempDir()
 	r := run(t, "-b", bk, d.Name)
 	assert.Equal(t, 1, r.Code)
 	assert.Contains(t, r.Stdout, "[ERR] Another instance of "+binary(t)+" is already running on '"+d.Name+"'! Skipping backup of '"+d.Name+"'\n")
 	assert.Empty(t, overlays(t, d.Dir), "no snapshot without the lock")
 	assert.Empty(t, files(t, bk))
+
+	viaPath := &exec.Cmd{Path: binary(t), Args: []string{"fi-backup", "-b", bk, d.Name},
+		Env: append(os.Environ(), "PATH="+filepath.Dir(binary(t))+":"+os.Getenv("PATH"))}
+	out, err := viaPath.Output()
+	require.Error(t, err)
+	assert.Contains(t, string(out), "[ERR] Another instance of "+binary(t)+" is already running on '"+d.Name+"'!", "argv[0] resolved through PATH")
+
 	release()
 	r = run(t, "-b", bk, d.Name)
 	assert.Equal(t, 0, r.Code, "the lock is free again")
-	_, err := os.Stat(lockPath)
+	_, err = os.Stat(lockPath)
 	assert.NoError(t, err, "the lock file stays (B5)")
+}
+
+// holdLock takes a domain lock the way the old script did (flock(1) on the
+// same path) in another process, and returns once that process holds it:
+// the holder blocks until it gets the lock and then says so. The returned
+// function (also run at cleanup) releases it.
+func holdLock(t *testing.T, lockPath string) (release func()) {
+	t.Helper()
+	holder := exec.Command("flock", lockPath, "sh", "-c", "echo locked; exec sleep 600")
+	holder.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	stdout, err := holder.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, holder.Start())
+	var once sync.Once
+	release = func() {
+		once.Do(func() { _ = syscall.Kill(-holder.Process.Pid, syscall.SIGKILL); _ = holder.Wait() })
+	}
+	t.Cleanup(release)
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	require.NoError(t, err, "the lock holder did not start")
+	require.Equal(t, "locked\n", line)
+	return release
 }
 
 // TestBadInput: a nonexistent domain among good ones; odd disks.

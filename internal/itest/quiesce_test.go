@@ -3,10 +3,13 @@ package itest
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -78,6 +81,51 @@ func (a *agentDomain) agentCmd(cmd string) (string, error) {
 	return strings.TrimSpace(string(out)), err
 }
 
+// exec runs a shell command in the guest through the agent (guest-exec)
+// and returns its exit code and output.
+func (a *agentDomain) exec(t *testing.T, script string) (int, string) {
+	t.Helper()
+	req, err := json.Marshal(map[string]any{"execute": "guest-exec", "arguments": map[string]any{
+		"path": "/bin/sh", "arg": []string{"-c", script}, "capture-output": true}})
+	require.NoError(t, err)
+	out, err := a.agentCmd(string(req))
+	require.NoError(t, err, out)
+	var started struct {
+		Return struct{ PID int } `json:"return"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &started), out)
+	var st struct {
+		Return struct {
+			Exited   bool   `json:"exited"`
+			ExitCode int    `json:"exitcode"`
+			OutData  []byte `json:"out-data"`
+			ErrData  []byte `json:"err-data"`
+		} `json:"return"`
+	}
+	require.True(t, eventually(60*time.Second, func() bool {
+		out, err := a.agentCmd(fmt.Sprintf(`{"execute":"guest-exec-status","arguments":{"pid":%d}}`, started.Return.PID))
+		return err == nil && json.Unmarshal([]byte(out), &st) == nil && st.Return.Exited
+	}), "guest command %q did not finish", script)
+	return st.Return.ExitCode, string(st.Return.OutData) + string(st.Return.ErrData)
+}
+
+// writerRounds is how many files the guest's writer has rewritten so far
+// (it appends 4 KiB to append.log per round; the log restarts every 256).
+func (a *agentDomain) writerRounds(t *testing.T) int {
+	t.Helper()
+	code, out := a.exec(t, "wc -c </mnt/vda/append.log")
+	require.Equal(t, 0, code, out)
+	n, err := strconv.Atoi(strings.TrimSpace(out))
+	require.NoError(t, err, out)
+	return n / 4096
+}
+
+// waitWriting waits until the guest's writer has been through a few rounds.
+func (a *agentDomain) waitWriting(t *testing.T) {
+	t.Helper()
+	require.True(t, eventually(60*time.Second, func() bool { return a.writerRounds(t) >= 3 }), "the guest's writer does not write")
+}
+
 // waitReady waits until the agent answers guest-ping and the console says
 // the writer runs on /mnt/vda.
 func (a *agentDomain) waitReady(t *testing.T, limit time.Duration) {
@@ -144,13 +192,20 @@ func TestQuiesceRealAgent(t *testing.T) {
 	q.waitReady(t, 60*time.Second)
 	ctl.waitReady(t, 60*time.Second)
 	t.Logf("guests ready after %s", time.Since(start).Round(time.Millisecond))
-	time.Sleep(time.Second) // let the writers get going
+	q.waitWriting(t)
+	ctl.waitWriting(t)
 
+	// -q together with -C (the old tool refused it): a quiesced snapshot,
+	// the copy, then the consolidation back onto the base.
 	bk := backupDir(t, "quiesced backup")
-	r := run(t, "-q", "-v", "-b", bk, q.Name)
+	r := run(t, "-q", "-C", "-v", "-b", bk, q.Name)
 	require.Equal(t, 0, r.Code)
 	assert.Regexp(t, `\[VER\] /usr/bin/virsh -q snapshot-create-as `+regexp.QuoteMeta(q.Name)+` \S+ --no-metadata --disk-only --atomic --quiesce\n`, r.Stdout)
 	assert.Contains(t, r.Stdout, "[VER] Snapshot for block devices of '"+q.Name+"' successful\n")
+	assert.Regexp(t, `\[VER\] Consolidation of block device '.*' for '`+regexp.QuoteMeta(q.Name)+`' successful\n`, r.Stdout)
+	assert.Equal(t, []string{q.Disk}, (&Domain{Name: q.Name}).liveChain(t, "vda"), "consolidated back onto the base")
+	rounds := q.writerRounds(t)
+	require.True(t, eventually(60*time.Second, func() bool { return q.writerRounds(t) != rounds }), "the guest writes on after -q -C")
 	copyPath := filepath.Join(bk, "guest disk.qcow2")
 	sb := superblock(t, copyPath)
 	state, features := fsStateRE.FindStringSubmatch(sb), fsFeaturesRE.FindStringSubmatch(sb)

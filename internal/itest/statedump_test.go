@@ -241,6 +241,9 @@ func (p *sdProc) wait(t *testing.T, limit time.Duration) result {
 	}
 	r := result{Stdout: p.out.String(), Code: p.cmd.ProcessState.ExitCode()}
 	t.Logf("fi-backup %s → %d\n%s", strings.Join(p.cmd.Args[1:], " "), r.Code, r.Stdout)
+	if r.Code >= 0 { // not killed by a signal
+		assertErrMeansFailure(t, r.Stdout, r.Code)
+	}
 	return r
 }
 
@@ -286,7 +289,7 @@ func sdMigrationStatus(t *testing.T, dom string) string {
 func sdMount(t *testing.T, opts string) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a tmpfs")
+		skipOrFail(t, "needs root to mount a tmpfs")
 	}
 	dir := filepath.Join(t.TempDir(), "state dir")
 	require.NoError(t, os.Mkdir(dir, 0o755))
@@ -465,10 +468,10 @@ func TestStateDumpSignal(t *testing.T) {
 	sd := sdStateDir(t)
 	bw := sdMaxBandwidth(t, d.Name)
 	p := sdStart(t, "", []string{"FI_BACKUP_TEST_DUMP_BANDWIDTH=32768"}, "-d", "-s", sd, "-b", t.TempDir(), d.Name)
+	// (nothing is printed while a dump runs: QEMU itself is asked)
 	require.True(t, eventually(30*time.Second, func() bool {
-		return strings.Contains(p.out.String(), "Migration status of '"+d.Name+"' after ")
+		return sdMigrationStatus(t, d.Name) == "active"
 	}), "the migration did not start:\n%s", p.out.String())
-	time.Sleep(300 * time.Millisecond)
 	require.NoError(t, syscall.Kill(p.cmd.Process.Pid, syscall.SIGTERM))
 	r := p.wait(t, time.Minute)
 	assert.Equal(t, 143, r.Code)
@@ -501,7 +504,7 @@ func sdStartHeldPaused(t *testing.T, d *Domain, sd string) *sdProc {
 	sdPauseBeforeSwitchover(t, d)
 	p := sdStart(t, "", nil, "-d", "-s", sd, d.Name)
 	require.True(t, eventually(30*time.Second, func() bool {
-		return strings.Contains(p.out.String(), ": pre-switchover\n")
+		return sdMigrationStatus(t, d.Name) == "pre-switchover"
 	}), "the migration did not reach pre-switchover:\n%s", p.out.String())
 	return p
 }
@@ -593,11 +596,13 @@ func sdTicks(t *testing.T, dom string) uint32 {
 func TestStateDumpRestores(t *testing.T) {
 	d := newDomain(t, "sd-restore", domOpts{})
 	sd := sdStateDir(t)
-	time.Sleep(time.Second)
+	// The counter runs from the time of day once SeaBIOS has set it up, and
+	// wraps at midnight (0x1800b0): too close to it, wait for the wrap.
+	require.True(t, eventually(3*time.Minute, func() bool {
+		v := sdTicks(t, d.Name)
+		return v > 0 && v < 0x1800b0-2000
+	}), "the BIOS tick counter did not start (or midnight did not pass)")
 	before := sdTicks(t, d.Name)
-	if before > 0x1800b0-2000 {
-		t.Skip("too close to midnight for the tick counter")
-	}
 	r := sdRun(t, "", nil, "-v", "-s", sd, d.Name)
 	require.Equal(t, 0, r.Code)
 	st := sdStateFiles(t, sd)[d.Name]
@@ -629,7 +634,10 @@ func TestStateDumpRestores(t *testing.T) {
 		return p
 	}
 
-	time.Sleep(6 * time.Second) // a fresh boot would now read ≥ 109 more ticks
+	// Wait until a fresh boot would read clearly more ticks than the dump
+	// holds: the running domain's counter shows the time of day.
+	require.True(t, eventually(30*time.Second, func() bool { return sdTicks(t, d.Name) >= before+110 }),
+		"the tick counter of the running domain did not advance")
 	virsh(t, "destroy", d.Name)
 	out, err := exec.Command("virsh", "-c", uri, "restore", saveImage(stream[:len(stream)-40000])).CombinedOutput()
 	require.Error(t, err, "a truncated stream must not restore: %s", out)
