@@ -2,24 +2,13 @@ package backup
 
 import (
 	"context"
-	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
+	"github.com/fi-backup/fi-backup/internal/journal"
+	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"github.com/fi-backup/fi-backup/internal/statedump"
 	"github.com/fi-backup/fi-backup/internal/virt"
-)
-
-// Environment knobs of the -s state dump.
-const (
-	// envDumpTimeout bounds the migration (a Go duration such as "90s";
-	// default statedump.DefaultTimeout). A guest dirtying RAM faster than
-	// it can be written never converges: it is cancelled and resumed.
-	envDumpTimeout = "FI_BACKUP_DUMP_TIMEOUT"
-	// envDumpBandwidth is for tests only: QEMU's migration max-bandwidth
-	// in bytes/s during the dump, to make a dump slow enough to interrupt.
-	envDumpBandwidth = "FI_BACKUP_TEST_DUMP_BANDWIDTH"
 )
 
 // stateFile is the old name: "<dir>/<domain>.statefile-<ts>.gz". A relative
@@ -30,7 +19,7 @@ func stateFile(dir, domain string, ts time.Time) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return filepath.Join(abs, domain+".statefile-"+ts.Format(virt.TimestampLayout)+".gz"), nil
+	return filepath.Join(abs, domain+".statefile-"+ts.Format(snapshot.TimestampLayout)+".gz"), nil
 }
 
 // startDump runs the -s dump. On success the guest is paused and the caller
@@ -38,41 +27,27 @@ func stateFile(dir, domain string, ts time.Time) (string, error) {
 // reported ("[ERR] Domain state dump failed!" last).
 func (r *Runner) startDump(ctx context.Context, dom virt.Domain, ts time.Time) (*statedump.Dump, error) {
 	name := dom.Name()
-	r.P.Verb("Dumping domain state")
-	path, err := stateFile(r.DumpDir, name, ts)
+	r.p.Verb("Dumping domain state")
+	path, err := stateFile(r.cfg.DumpDir, name, ts)
 	if err != nil {
-		r.P.Err("Cannot resolve the dump state directory '%s': %v", r.DumpDir, err)
-		r.P.Err("Domain state dump failed!")
+		r.p.Err("Cannot resolve the dump state directory '%s': %v", r.cfg.DumpDir, err)
+		r.p.Err("Domain state dump failed!")
 		return nil, ErrFailed
 	}
-	r.P.Debug("Dumping the state of '%s' to '%s'", name, path)
-	opt := statedump.Options{Path: path, Log: r.P}
-	if v := os.Getenv(envDumpTimeout); v != "" {
-		if d, err := time.ParseDuration(v); err == nil && d > 0 {
-			opt.Timeout = d
-		} else {
-			r.P.Warn("Ignoring %s='%s': not a positive duration", envDumpTimeout, v)
-		}
-	}
-	if v := os.Getenv(envDumpBandwidth); v != "" {
-		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n > 0 {
-			opt.Bandwidth = n
-		} else {
-			r.P.Warn("Ignoring %s='%s': not a positive number of bytes/s", envDumpBandwidth, v)
-		}
-	}
+	r.p.Debug("Dumping the state of '%s' to '%s'", name, path)
+	opt := statedump.Options{Path: path, Log: r.p, Timeout: r.cfg.DumpTimeout, Bandwidth: r.cfg.DumpBandwidth}
 	// A run killed while the guest is paused (the dump leaves it paused
 	// until the snapshot is taken) must not leave it paused for ever: the
-	// journal tells the next run to resume it (recoverJobs, Offline).
-	if err := r.writeJournal(jobJournal{Domain: name, Kind: journalDump}); err != nil {
-		r.P.Err("Cannot write the journal of '%s': %v", name, err)
-		r.P.Err("Domain state dump failed!")
+	// journal tells the next run to resume it (recover).
+	if err := r.journal.Write(journal.Record{Domain: name, Kind: kindDump}); err != nil {
+		r.p.Err("Cannot write the journal of '%s': %v", name, err)
+		r.p.Err("Domain state dump failed!")
 		return nil, ErrFailed
 	}
 	d, err := statedump.Start(ctx, dom, opt)
 	if err != nil {
 		r.clearJournal(name) // Start resumed the guest
-		r.P.Err("Domain state dump failed!")
+		r.p.Err("Domain state dump failed!")
 		return nil, ErrFailed
 	}
 	return d, nil
@@ -85,15 +60,15 @@ func (r *Runner) finishDump(d *statedump.Dump, keep bool) error {
 	_, resumeErr := d.Resume()
 	if !keep {
 		d.Discard()
-		r.P.Verb("State dump discarded: no disk snapshot matches it")
+		r.p.Verb("State dump discarded: no disk snapshot matches it")
 		return resumeErr
 	}
 	if err := d.Commit(); err != nil {
-		r.P.Err("Cannot save the state file: %v", err)
-		r.P.Err("Domain state dump failed!")
+		r.p.Err("Cannot save the state file: %v", err)
+		r.p.Err("Domain state dump failed!")
 		return ErrFailed
 	}
-	r.P.Debug("State of domain saved in '%s' (%d bytes of migration stream)", d.Path(), d.RawSize())
+	r.p.Debug("State of domain saved in '%s' (%d bytes of migration stream)", d.Path(), d.RawSize())
 	if resumeErr != nil {
 		return ErrFailed
 	}

@@ -1,6 +1,6 @@
 // Package cli is fi-backup's command line: the old script's option grammar
-// and messages, the dependency checks, domain selection, and the one place
-// where the outcome becomes an exit code.
+// and messages, the dependency checks, domain selection, the run's
+// configuration, and the one place where the outcome becomes an exit code.
 package cli
 
 import (
@@ -11,17 +11,16 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
-	"unicode"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/fi-backup/fi-backup/internal/backup"
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/logging"
-	"github.com/fi-backup/fi-backup/internal/qcow2"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
@@ -38,6 +37,8 @@ type Env struct {
 	// cleaning up, a second one exits at once through Exit.
 	Signals <-chan os.Signal
 	Exit    func(code int)
+	// PollEvery is the block-job poll interval (tests shorten it).
+	PollEvery time.Duration
 }
 
 type app struct {
@@ -75,10 +76,6 @@ func progName(argv0 string, lookPath func(string) (string, error)) string {
 	return argv0
 }
 
-type signalError struct{ sig syscall.Signal }
-
-func (e signalError) Error() string { return "interrupted by " + unix.SignalName(e.sig) }
-
 // Run is the whole program; it returns the exit code.
 func Run(ctx context.Context, env Env, args []string) int {
 	a := &app{Env: env}
@@ -94,23 +91,17 @@ func Run(ctx context.Context, env Env, args []string) int {
 	if env.Signals != nil {
 		go a.watchSignals(env.Signals, stop)
 	}
-	o, err := a.parse(args)
-	if err != nil {
-		return exitCode(err)
-	}
-	code := a.run(ctx, o)
+	err := a.run(ctx, args)
 	var se signalError
 	if errors.As(context.Cause(ctx), &se) {
 		a.p.Err("Interrupted by %s: stopped after cleaning up", unix.SignalName(se.sig))
-		code = 128 + int(se.sig)
+		err = errors.Join(err, se)
 	}
-	if err := a.p.WriteErr(); err != nil {
-		fmt.Fprintf(a.Stderr, "fi-backup: output lost: %v\n", err)
-		if code == ExitOK {
-			code = ExitFailure
-		}
+	if werr := a.p.WriteErr(); werr != nil {
+		fmt.Fprintf(a.Stderr, "fi-backup: output lost: %v\n", werr)
+		err = errors.Join(err, errOutputLost)
 	}
-	return code
+	return exitCode(err)
 }
 
 // watchSignals: the first SIGINT/SIGTERM cancels the run, which then cleans
@@ -142,27 +133,23 @@ func (a *app) watchSignals(sigs <-chan os.Signal, stop context.CancelCauseFunc) 
 	case <-done:
 	case <-time.After(time.Second):
 	}
-	a.Exit(128 + int(sig))
+	a.Exit(exitCode(signalError{sig}))
 }
 
-func exitCode(err error) int {
-	var en exitNow
-	if errors.As(err, &en) {
-		return en.code
+// run parses, checks and runs; its error says how it ended.
+func (a *app) run(ctx context.Context, args []string) error {
+	o, err := a.parse(args)
+	if err != nil {
+		return err
 	}
-	return ExitFailure
-}
-
-func (a *app) run(ctx context.Context, o *Options) int {
 	if o.AllRunning {
 		a.p.Debug("all_running_domains = '1' so all running domains will be backed up")
 	}
 	var hyp virt.Hypervisor
 	var connErr error
-	uri := a.Getenv("FI_BACKUP_URI")
 	connect := func() {
 		if hyp == nil && connErr == nil {
-			hyp, connErr = a.Connect(uri)
+			hyp, connErr = a.Connect(a.Getenv("FI_BACKUP_URI"))
 		}
 	}
 	defer func() {
@@ -172,12 +159,10 @@ func (a *app) run(ctx context.Context, o *Options) int {
 	}()
 	if o.Consolidate {
 		if o.Quiesce && !o.Snapshot {
-			a.usage("consolidation (-c | -C) and quiesce (-q) are not compatible")
-			return ExitFailure
+			return a.usageErr("consolidation (-c | -C) and quiesce (-q) are not compatible")
 		}
 		if o.DumpDir != "" {
-			a.usage("consolidation (-c | -C) and dump state (-s) are not compatible")
-			return ExitFailure
+			return a.usageErr("consolidation (-c | -C) and dump state (-s) are not compatible")
 		}
 		if !o.MethodSet {
 			connect()
@@ -185,245 +170,79 @@ func (a *app) run(ctx context.Context, o *Options) int {
 		}
 	}
 	if o.DumpDir != "" && o.Quiesce {
-		a.usage("dump state (-s) and quiesce (-q) are not compatible")
-		return ExitFailure
+		return a.usageErr("dump state (-s) and quiesce (-q) are not compatible")
 	}
 	connect()
 	qemuImg, ok := a.checkDependencies(hyp, connErr)
 	if !ok {
-		return ExitDependency
+		return errDependency
 	}
 	// Empty arguments are not domain names: `fi-backup -b DIR "$DOMAINS"`
 	// with an empty $DOMAINS is "no domain given", as with the old script.
-	var args []string
+	var names []string
 	for _, arg := range o.Args {
 		if strings.TrimSpace(arg) != "" {
-			args = append(args, arg)
+			names = append(names, arg)
 		}
 	}
-	if len(args) == 0 && !o.AllRunning {
+	if len(names) == 0 && !o.AllRunning {
 		a.usage("<domain name> is missing!")
-		return ExitNoDomain
+		return errNoDomain
 	}
-	if len(args) > 0 && o.AllRunning {
+	if len(names) > 0 && o.AllRunning {
 		a.usage("Setting all_running (-r) and specifying domains not compatible")
-		return ExitNoDomain
+		return errNoDomain
 	}
-	r := &backup.Runner{
-		P: a.p, Hyp: hyp, Prog: a.Prog, Now: a.Now, LockDir: a.LockDir,
-		QemuImg:   qemuImg,
-		BackupDir: o.BackupDir, DumpDir: o.DumpDir, Snapshot: o.Snapshot,
-		Consolidate: o.Consolidate, Method: o.Method, Quiesce: o.Quiesce,
-		JobTimeout: o.JobTimeout, RateLimit: o.RateLimit,
-	}
+	r := backup.New(a.config(o, names), backup.Env{
+		P: a.p, Hyp: hyp, Prog: a.Prog, Now: a.Now, LockDir: a.LockDir, QemuImg: qemuImg, PollEvery: a.PollEvery,
+	})
 	// A guest a killed -s run left paused is resumed before the domains
 	// are listed, so that -r and all find it running again.
 	r.RecoverAll(ctx)
-	sel := a.selectDomains(hyp, args, o.AllRunning)
-	r.AllKeyword = sel.allKeyword
-	failed := sel.failed
+	sel := a.selectDomains(hyp, names, o.AllRunning)
+	var failed error
+	if sel.failed {
+		failed = backup.ErrFailed
+	}
 	for _, d := range append(sel.running, sel.offline...) {
 		if ctx.Err() != nil {
 			break
 		}
 		if err := r.Run(ctx, d.name, d.state); err != nil {
-			failed = true
+			failed = backup.ErrFailed
 		}
 	}
-	if failed {
-		return ExitFailure
-	}
-	return ExitOK
+	return failed
 }
 
-// defaultMethod is the old rule: blockcommit when QEMU ≥ 2.1.0 and libvirt
-// ≥ 1.2.9, else blockpull (also when the versions cannot be read).
-func defaultMethod(hyp virt.Hypervisor) string {
-	if hyp == nil {
-		return MethodPull
-	}
-	qv, err1 := hyp.HypervisorVersion()
-	lv, err2 := hyp.LibVersion()
-	if err1 == nil && err2 == nil && versionAtLeast(qv, "2.1.0") && versionAtLeast(lv, "1.2.9") {
-		return MethodCommit
-	}
-	return MethodPull
-}
-
-// checkDependencies reports every problem (the old script accumulated
-// them) and returns the qemu-img path to use.
-func (a *app) checkDependencies(hyp virt.Hypervisor, connErr error) (string, bool) {
-	ok := true
-	name := a.Getenv("FI_BACKUP_QEMU_IMG")
-	if name == "" {
-		name = "qemu-img"
-	}
-	qemuImg, err := exec.LookPath(name)
-	if err != nil {
-		a.p.Err("'%s' cannot be found or executed", name)
-		ok = false
-	}
-	if connErr != nil {
-		a.p.Err("Cannot connect to libvirt: %s", virt.Describe(connErr))
-		return qemuImg, false
-	}
-	lv, err := hyp.LibVersion()
-	switch {
-	case err != nil:
-		a.p.Err("Cannot read libVirt version: %s", virt.Describe(err))
-		ok = false
-	case versionAtLeast(lv, "1.0.0"):
-		a.p.Info("libVirt version '%s' support is experimental", lv)
-	case versionAtLeast(lv, "0.9.13"):
-		a.p.Debug("libVirt version '%s' is supported", lv)
-	default:
-		a.p.Err("Unsupported libVirt version '%s'. Please use libVirt 0.9.13 or later", lv)
-		ok = false
-	}
-	if qemuImg != "" {
-		iv, err := qcow2.Version(qemuImg)
-		switch {
-		case err != nil:
-			a.p.Err("'%s' cannot be found or executed", qemuImg)
-			ok = false
-		case versionAtLeast(iv, "1.2.0"):
-			a.p.Debug("%s version '%s' is supported", qemuImg, iv)
-		default:
-			a.p.Err("Unsupported %s version '%s'. Please use 'qemu-img' 1.2.0 or later", qemuImg, iv)
-			ok = false
-		}
-		if err == nil && versionAtLeast(iv, "2.10.0") {
-			a.p.Debug("%s version '%s' will use --force-share for file access", qemuImg, iv)
-		}
-	}
-	qv, err := hyp.HypervisorVersion()
-	switch {
-	case err != nil:
-		a.p.Err("Cannot read QEMU/KVM version from libvirt: %s", virt.Describe(err))
-		ok = false
-	case versionAtLeast(qv, "1.2.0"):
-		a.p.Debug("QEMU/KVM version '%s' is supported", qv)
-	default:
-		a.p.Err("Unsupported QEMU/KVM version '%s'. Please use QEMU/KVM 1.2.0 or later", qv)
-		ok = false
-	}
-	return qemuImg, ok
-}
-
-type selection struct {
-	running, offline []selected
-	failed           bool // a named domain could not be used
-	allKeyword       bool
-}
-
-type selected struct {
-	name  string
-	state virt.State
-}
-
-// selectDomains turns the positional arguments into the running and
-// not-running lists, from libvirt's state enums, in libvirt's order for
-// all/-r and in the order given for names.
-func (a *app) selectDomains(hyp virt.Hypervisor, args []string, allRunning bool) selection {
-	var sel selection
-	var names []string
-	for _, arg := range args {
-		if arg == "all" {
-			sel.allKeyword = true
-			continue
-		}
-		// "dom1 dom2" in one argument names two domains, as before; but a
-		// domain whose own name has a space is taken whole when it exists.
-		if strings.ContainsFunc(arg, unicode.IsSpace) && domainExists(hyp, arg) {
-			names = append(names, arg)
-			continue
-		}
-		names = append(names, strings.Fields(arg)...)
-	}
-	// The old debug lines: a list from `virsh list` came one name per line;
-	// named domains were appended with a leading space each.
-	var runLine, offLine []string
-	seen := map[string]bool{}
-	add := func(list *[]selected, line *[]string, n string, st virt.State, sep string) {
-		if seen[n] {
-			return
-		}
-		seen[n] = true
-		*list = append(*list, selected{n, st})
-		if sep == "\n" && len(*line) == 0 {
-			sep = ""
-		}
-		*line = append(*line, sep+n)
-	}
-	listed := func(f virt.Filter, what string) []string {
-		names, err := hyp.List(f)
-		if err != nil {
-			a.p.Err("Cannot list %s domains: %s", what, virt.Describe(err))
-			sel.failed = true
-		}
-		return names
-	}
-	if allRunning || sel.allKeyword {
-		for _, n := range listed(virt.ListRunning, "running") {
-			add(&sel.running, &runLine, n, virt.StateRunning, "\n")
-		}
-	}
-	if sel.allKeyword {
-		for _, n := range listed(virt.ListShutoffPaused, "shut-off") {
-			st, err := domainState(hyp, n)
-			if err != nil {
-				continue // undefined meanwhile
-			}
-			add(&sel.offline, &offLine, n, st, "\n")
-		}
-		every, err := hyp.List(virt.ListAll)
-		if err == nil {
-			for _, n := range every {
-				if !seen[n] {
-					a.p.Warn("Skipping domain '%s': it is neither running, paused nor shut off", n)
-				}
-			}
-		}
+// config is the run's settings: the options, the domain arguments and the
+// environment knobs of the state dump.
+func (a *app) config(o *Options, names []string) backup.Config {
+	cfg := backup.Config{
+		BackupDir: o.BackupDir, DumpDir: o.DumpDir, Snapshot: o.Snapshot, Consolidate: o.Consolidate,
+		Method: o.Method, Quiesce: o.Quiesce, JobTimeout: o.JobTimeout, RateLimit: o.RateLimit,
 	}
 	for _, n := range names {
-		if seen[n] {
-			continue
-		}
-		st, err := domainState(hyp, n)
-		switch {
-		case err != nil:
-			a.p.Err("Cannot find domain '%s': %s", n, virt.Describe(err))
-			sel.failed = true
-			seen[n] = true
-		case st == virt.StateRunning || st == virt.StateBlocked:
-			add(&sel.running, &runLine, n, st, " ")
-		case st == virt.StateShutoff || st == virt.StatePaused || st == virt.StateCrashed:
-			add(&sel.offline, &offLine, n, st, " ")
-		default:
-			a.p.Err("Domain '%s' is %s: skipping it", n, st)
-			sel.failed = true
-			seen[n] = true
+		if n == "all" {
+			cfg.AllKeyword = true
 		}
 	}
-	a.p.Debug("Domains NOTRUNNING to backup: %s", strings.Join(offLine, ""))
-	a.p.Debug("Domains RUNNING to backup: %s", strings.Join(runLine, ""))
-	return sel
-}
-
-func domainExists(hyp virt.Hypervisor, name string) bool {
-	d, err := hyp.Lookup(name)
-	if err != nil {
-		return false
+	// FI_BACKUP_DUMP_TIMEOUT bounds the -s migration (a guest dirtying RAM
+	// faster than it can be written never converges: it is cancelled and
+	// resumed); FI_BACKUP_TEST_DUMP_BANDWIDTH slows it down for tests.
+	if v := a.Getenv("FI_BACKUP_DUMP_TIMEOUT"); v != "" {
+		if d, err := time.ParseDuration(v); err == nil && d > 0 {
+			cfg.DumpTimeout = d
+		} else {
+			a.p.Warn("Ignoring FI_BACKUP_DUMP_TIMEOUT='%s': not a positive duration", v)
+		}
 	}
-	_ = d.Close()
-	return true
-}
-
-func domainState(hyp virt.Hypervisor, name string) (virt.State, error) {
-	d, err := hyp.Lookup(name)
-	if err != nil {
-		return virt.StateNoState, err
+	if v := a.Getenv("FI_BACKUP_TEST_DUMP_BANDWIDTH"); v != "" {
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n > 0 {
+			cfg.DumpBandwidth = n
+		} else {
+			a.p.Warn("Ignoring FI_BACKUP_TEST_DUMP_BANDWIDTH='%s': not a positive number of bytes/s", v)
+		}
 	}
-	defer d.Close()
-	return d.State()
+	return cfg
 }

@@ -57,7 +57,7 @@ var getoptCases = [][]string{
 func TestGetoptMatchesUtilLinux(t *testing.T) {
 	getopt, err := exec.LookPath("getopt")
 	require.NoError(t, err, "util-linux getopt is part of every Debian system")
-	defs := getoptDefs(newFlagSet())
+	defs := getoptDefs()
 	var longs []string
 	for _, d := range defs {
 		if d.hasArg {
@@ -114,7 +114,7 @@ func TestOldPrefixesKeepTheirMeaning(t *testing.T) {
 	oldScript := []string{"backup_dir", "consolidate_only", "consolidate_and_snapshot", "method",
 		"quiesce", "all_running", "dump_state_dir", "debug", "help", "version", "verbose"}
 	v300 := append(append([]string(nil), oldScript...), "job_timeout")
-	now := getoptDefs(newFlagSet())
+	now := getoptDefs()
 	for _, set := range [][]string{oldScript, v300} {
 		var old []optDef
 		for _, n := range set {

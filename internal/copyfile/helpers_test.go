@@ -153,17 +153,3 @@ func both(t *testing.T, f func(t *testing.T, opt Options)) {
 func tempDirFile(t testing.TB, name string) string {
 	return filepath.Join(t.TempDir(), name)
 }
-
-// requireRoot skips a test that needs root (mounts), except where skipping
-// is not allowed (CI=true or FI_BACKUP_TEST_DISALLOW_SKIP=1, as make test
-// sets): there it fails.
-func requireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" || os.Getenv("FI_BACKUP_TEST_DISALLOW_SKIP") == "1" {
-		t.Fatal("this test needs root (it mounts file systems)")
-	}
-	t.Skip("this test needs root (it mounts file systems)")
-}

@@ -11,13 +11,15 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/fi-backup/fi-backup/internal/testenv"
 )
 
 // mountTmpfs mounts a tmpfs with the given flags and options on a fresh
 // directory, unmounted when the test ends (the test needs root).
 func mountTmpfs(t *testing.T, flags uintptr, data string) string {
 	t.Helper()
-	requireRoot(t)
+	testenv.RequireRoot(t)
 	dir := t.TempDir()
 	require.NoError(t, unix.Mount("tmpfs", dir, "tmpfs", flags, data))
 	// Registered after TempDir's cleanup, so it runs before the removal.
@@ -78,7 +80,7 @@ func TestCopyReadOnlyDir(t *testing.T) {
 // image path are mkfs's own) and loop-mounts it on a fresh directory.
 func mountImage(t *testing.T, mkfs string, args ...string) string {
 	t.Helper()
-	requireRoot(t)
+	testenv.RequireRoot(t)
 	img := filepath.Join(t.TempDir(), "fs.img")
 	require.NoError(t, os.WriteFile(img, nil, 0o600))
 	require.NoError(t, os.Truncate(img, 64<<20))

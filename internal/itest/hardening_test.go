@@ -508,3 +508,20 @@ func ioReadAll(r *bufio.Reader) ([]byte, error) {
 		}
 	}
 }
+
+// TestDomainStartedDuringOfflineCopy: a shut-off domain started while its
+// offline copy runs (rate-limited, so the start lands in it) fails: the
+// copy may mix moments, and is not called a backup.
+func TestDomainStartedDuringOfflineCopy(t *testing.T) {
+	d := newDomain(t, "started-offline", domOpts{noStart: true})
+	sh(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x76 0 32M", d.Disks[0])
+	bk := t.TempDir()
+	cmd, out := consStart(t, "-d", "--rate_limit=4M", "-b", bk, d.Name)
+	waitForTemp(t, bk, out)
+	virsh(t, "start", d.Name)
+	code := consWait(t, cmd, 2*time.Minute)
+	t.Logf("→ %d\n%s", code, out.String())
+	assert.Equal(t, 1, code)
+	assert.Contains(t, out.String(), "[ERR] Domain '"+d.Name+"' changed from shut off to running during its offline backup: the copy may be inconsistent\n")
+	assert.Equal(t, "running", d.state(t))
+}

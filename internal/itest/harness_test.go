@@ -21,6 +21,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/fi-backup/fi-backup/internal/testenv"
 )
 
 const uri = "qemu:///system"
@@ -34,29 +36,14 @@ var (
 // requireLibvirt skips or fails (in CI) when libvirtd cannot be reached.
 func requireLibvirt(t *testing.T) {
 	t.Helper()
-	if testing.Short() && !noSkip() {
+	if testing.Short() && !testenv.NoSkip() {
 		t.Skip("integration test skipped in -short mode")
 	}
 	out, err := exec.Command("virsh", "-q", "-c", uri, "uri").CombinedOutput()
 	if err == nil {
 		return
 	}
-	skipOrFail(t, fmt.Sprintf("libvirtd not reachable (%v: %s); run scripts/setup-host.sh", err, bytes.TrimSpace(out)))
-}
-
-// noSkip: in CI (CI=true, or FI_BACKUP_TEST_DISALLOW_SKIP=1 as make test
-// sets) an integration test never skips.
-func noSkip() bool {
-	return os.Getenv("CI") == "true" || os.Getenv("FI_BACKUP_TEST_DISALLOW_SKIP") == "1"
-}
-
-// skipOrFail skips the test, or fails it where skipping is not allowed.
-func skipOrFail(t *testing.T, msg string) {
-	t.Helper()
-	if noSkip() {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
+	testenv.SkipOrFail(t, fmt.Sprintf("libvirtd not reachable (%v: %s); run scripts/setup-host.sh", err, bytes.TrimSpace(out)))
 }
 
 // binary builds cmd/fi-backup once per test process.

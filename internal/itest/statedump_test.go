@@ -28,6 +28,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/fi-backup/fi-backup/internal/testenv"
 )
 
 const sdMemMiB = 32 // newDomain's <memory>
@@ -288,9 +290,7 @@ func sdMigrationStatus(t *testing.T, dom string) string {
 // end of the test.
 func sdMount(t *testing.T, opts string) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		skipOrFail(t, "needs root to mount a tmpfs")
-	}
+	testenv.RequireRoot(t)
 	dir := filepath.Join(t.TempDir(), "state dir")
 	require.NoError(t, os.Mkdir(dir, 0o755))
 	sh(t, "mount", "-t", "tmpfs", "-o", opts, "fibt-statedump", dir)

@@ -134,6 +134,19 @@ func (p *Printer) Debug(format string, a ...any) {
 	}
 }
 
+// ChainWalk prints the old tool's debug lines of a backing-chain walk: for
+// the chain top, parent, grandparent, … (paths) it named each file from the
+// grandparent down, then an empty name where the chain ended.
+func (p *Printer) ChainWalk(paths []string) {
+	if len(paths) < 2 {
+		return
+	}
+	for _, f := range paths[2:] {
+		p.Debug("Next file in backing file chain: '%s'", f)
+	}
+	p.Debug("Next file in backing file chain: ''")
+}
+
 // Raw writes s as it is (used for the usage text).
 func (p *Printer) Raw(s string) { p.write(s) }
 

@@ -89,6 +89,9 @@ type Options struct {
 	// Level is the gzip level (gzip.BestSpeed when 0).
 	Level int
 	Log   Logger
+
+	// writer wraps the state file for the pump (tests make it fail).
+	writer func(*os.File) io.Writer
 }
 
 func (o Options) withDefaults() Options {
@@ -106,6 +109,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Log == nil {
 		o.Log = nopLogger{}
+	}
+	if o.writer == nil {
+		o.writer = func(f *os.File) io.Writer { return f }
 	}
 	return o
 }
@@ -231,7 +237,7 @@ func Start(ctx context.Context, m Monitor, opt Options) (*Dump, error) {
 		d.restoreBandwidth()
 		return fail("cannot pass the state pipe to QEMU: %s", virt.Describe(err))
 	}
-	pm, err := startPump(r, fileWriter(f), opt.Level)
+	pm, err := startPump(r, opt.writer(f), opt.Level)
 	if err != nil {
 		_ = r.Close()
 		d.closeFD()
@@ -569,12 +575,6 @@ func alive(m Monitor) bool {
 	return err == nil && (st == virt.StateRunning || st == virt.StateBlocked || st == virt.StatePaused)
 }
 
-// fileWriter is how the pump writes the state file (a seam for tests of
-// write failures).
-var fileWriter = defaultFileWriter
-
-func defaultFileWriter(f *os.File) io.Writer { return f }
-
 func queryMigrate(m Monitor) (Migration, error) {
 	reply, err := m.QMP(command("query-migrate", nil))
 	if err != nil {
@@ -583,15 +583,18 @@ func queryMigrate(m Monitor) (Migration, error) {
 	return ParseMigration(reply)
 }
 
+// interrupted is why ctx ended: a cause given to it explains itself (the
+// command line's says "interrupted by SIGTERM"); a plain cancel or deadline
+// is said as such.
 func interrupted(ctx context.Context) error {
 	c := context.Cause(ctx)
 	switch {
 	case c == nil || errors.Is(c, context.Canceled):
 		return errors.New("interrupted")
-	case strings.HasPrefix(c.Error(), "interrupted"):
-		return c // e.g. the command line's "interrupted by SIGTERM"
+	case errors.Is(c, context.DeadlineExceeded):
+		return fmt.Errorf("interrupted (%w)", c)
 	}
-	return fmt.Errorf("interrupted (%v)", c)
+	return c
 }
 
 // renameNoReplace renames without replacing an existing file (a state file

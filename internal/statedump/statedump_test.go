@@ -282,10 +282,9 @@ func TestDumpWriteFailureCancels(t *testing.T) {
 	f.script, f.stream, f.hold = []step{{status: "active"}}, fakeStream(), true
 	f.noAutoResume = true
 	f.script = []step{{status: "active", paused: true}}
-	fileWriter = func(*os.File) io.Writer { return failingWriter{} }
-	t.Cleanup(func() { fileWriter = defaultFileWriter })
 	log := &logRec{}
 	o := opts(dir, log)
+	o.writer = func(*os.File) io.Writer { return failingWriter{} }
 	o.CancelWait = 300 * time.Millisecond
 	_, err := Start(context.Background(), f, o)
 	require.Error(t, err)

@@ -59,11 +59,21 @@ const (
 	ListAll                         // every defined domain
 )
 
-// Sentinel errors; the cgo layer maps libvirt error codes onto them.
+// Sentinel errors; the cgo layer maps libvirt errors onto them (by code,
+// and where one code covers several causes, by libvirt's message, in that
+// one place).
 var (
 	ErrNoDomain   = errors.New("domain not found")
 	ErrNotRunning = errors.New("domain is not running")
 	ErrJobActive  = errors.New("block job active")
+	// ErrPermission: libvirt or QEMU could not open or create a file
+	// (AppArmor, file permissions).
+	ErrPermission = errors.New("permission denied")
+	// ErrNameCollision: two disks would get the same overlay name.
+	ErrNameCollision = errors.New("overlay name collision")
+	// ErrNotLocalFile: libvirt cannot name an overlay for a disk that is
+	// not a local file (block device, network disk).
+	ErrNotLocalFile = errors.New("disk is not a local file")
 )
 
 // Error is a libvirt failure with the daemon's own message.
@@ -110,6 +120,15 @@ type Disk struct {
 type Image struct {
 	Path   string
 	Format string
+}
+
+// Paths lists the paths of a chain's images, in order.
+func Paths(chain []Image) []string {
+	out := make([]string, len(chain))
+	for i, img := range chain {
+		out[i] = img.Path
+	}
+	return out
 }
 
 // Mirror is the <mirror> state of a disk during a block job.

@@ -2,9 +2,6 @@ package virt
 
 import (
 	"fmt"
-	"regexp"
-	"strings"
-	"time"
 
 	"libvirt.org/go/libvirtxml"
 )
@@ -78,6 +75,19 @@ func diskFromXML(d libvirtxml.DomainDisk) Disk {
 	}
 }
 
+// FileDisks are the disks the old tool backed up and consolidated
+// (`virsh domblklist --details` rows of device "disk"): device "disk" with a
+// source path.
+func FileDisks(disks []Disk) []Disk {
+	var out []Disk
+	for _, d := range disks {
+		if d.Device == "disk" && d.Source != "" {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
 func sourcePath(s *libvirtxml.DomainDiskSource) (path, typ string) {
 	switch {
 	case s == nil:
@@ -101,25 +111,3 @@ func sourcePath(s *libvirtxml.DomainDiskSource) (path, typ string) {
 func SnapshotXML(name string) (string, error) {
 	return (&libvirtxml.DomainSnapshot{Name: name}).Marshal()
 }
-
-// TimestampLayout is the old tool's `date +%Y%m%d-%H%M%S`.
-const TimestampLayout = "20060102-150405"
-
-// SnapshotName is "bimg-" plus the timestamp.
-func SnapshotName(t time.Time) string { return "bimg-" + t.Format(TimestampLayout) }
-
-// OverlayName is libvirt's rule for naming an external snapshot file:
-// drop the last ".ext" of the path when it is in the final component, then
-// append "." and the snapshot name.
-func OverlayName(src, snapshot string) string {
-	p := src
-	if i := strings.LastIndexByte(p, '.'); i >= 0 && !strings.Contains(p[i:], "/") {
-		p = p[:i]
-	}
-	return p + "." + snapshot
-}
-
-var overlayRE = regexp.MustCompile(`\.bimg-[0-9]{8}-[0-9]{6}$`)
-
-// IsOverlay reports whether path carries this tool's overlay name.
-func IsOverlay(path string) bool { return overlayRE.MatchString(path) }

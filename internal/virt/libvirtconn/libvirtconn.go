@@ -274,13 +274,21 @@ func translate(op string, err error) error {
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	ve := &virt.Error{Op: op, Code: int(le.Code), Msg: le.Message}
-	switch le.Code {
-	case libvirt.ERR_NO_DOMAIN:
+	switch {
+	case le.Code == libvirt.ERR_NO_DOMAIN:
 		ve.Kind = virt.ErrNoDomain
-	case libvirt.ERR_OPERATION_INVALID:
+	case le.Code == libvirt.ERR_OPERATION_INVALID:
 		ve.Kind = virt.ErrNotRunning
-	case libvirt.ERR_BLOCK_COPY_ACTIVE:
+	case le.Code == libvirt.ERR_BLOCK_COPY_ACTIVE:
 		ve.Kind = virt.ErrJobActive
+	// One code, several causes: libvirt's own wording tells them apart
+	// (virDomainSnapshotDefAssignExternalNames, QEMU's open errors).
+	case le.Code == libvirt.ERR_CONFIG_UNSUPPORTED && strings.Contains(le.Message, "collision with disk"):
+		ve.Kind = virt.ErrNameCollision
+	case le.Code == libvirt.ERR_CONFIG_UNSUPPORTED && strings.Contains(le.Message, "external snapshot name"):
+		ve.Kind = virt.ErrNotLocalFile
+	case strings.Contains(le.Message, "Permission denied"):
+		ve.Kind = virt.ErrPermission
 	}
 	return ve
 }

@@ -1,0 +1,127 @@
+package backup
+
+import (
+	"context"
+	"strings"
+
+	"github.com/fi-backup/fi-backup/internal/virt"
+)
+
+// offline copies a domain that is not running with cp -up semantics (mode,
+// owner and times kept). The caller holds the domain's lock.
+func (r *Runner) offline(ctx context.Context, dom virt.Domain, before virt.State) error {
+	name := dom.Name()
+	if r.cfg.DumpDir != "" {
+		r.p.Warn("Domain '%s' is not running: no state dump (-s) for it", name)
+	}
+	if r.dir == nil {
+		r.needsBackupDir(name, before)
+		return ErrFailed
+	}
+	if r.cfg.Consolidate {
+		if !r.cfg.AllKeyword {
+			r.p.Err("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
+			r.p.Err("Skipping consolidation/backup of '%s'", name)
+			return ErrFailed
+		}
+		// Under "all" the old tool went on with the backup and exited 0:
+		// the line is a warning, not an error.
+		r.p.Warn("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
+		r.p.Debug("Doing full backup (not consolidation) of '%s'", name)
+	}
+	if !r.dir.Exists() {
+		r.p.Err("Backup directory '%s' doesn't exist", r.dir.Path)
+		return ErrFailed
+	}
+	all, err := dom.Disks()
+	if err != nil {
+		r.p.Err("Cannot read the disks of '%s': %s", name, virt.Describe(err))
+		return ErrFailed
+	}
+	// The inactive XML does not describe chains: ask qemu-img, for every
+	// disk, before anything is copied.
+	disks := virt.FileDisks(all)
+	chains := make([][]virt.Image, len(disks))
+	var files []string
+	failed := false
+	for i, d := range disks {
+		c, err := r.chains.OfFile(ctx, d.Source)
+		if err != nil {
+			r.p.Err("Unable to read the backing chain of %s: %v", d.Source, err)
+			failed = true
+			continue
+		}
+		chains[i] = c
+		files = append(files, virt.Paths(c)...)
+	}
+	if !failed {
+		if err := r.dir.Admit(name, files, r.holder(ctx, name, files)); err != nil {
+			return ErrFailed
+		}
+	}
+	var listed oldFileList
+	for i, d := range disks {
+		if chains[i] == nil {
+			continue
+		}
+		r.offlineWalkLines(d.Source, chains[i], &listed)
+		if err := r.dir.CopyChain(ctx, chains[i], true); err != nil {
+			failed = true
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	r.p.Debug("All %d block files for '%s': %s : %s", len(listed.files), name, listed.lastDisk, strings.Join(listed.files, " "))
+	// A domain started during the copy makes the copy a torn mix of
+	// moments: say so instead of calling it a backup.
+	after, err := dom.State()
+	if err == nil && after != before && (after == virt.StateRunning || after == virt.StatePaused && before == virt.StateShutoff) {
+		r.p.Err("Domain '%s' changed from %s to %s during its offline backup: the copy may be inconsistent", name, before, after)
+		failed = true
+	}
+	if failed {
+		return ErrFailed
+	}
+	return nil
+}
+
+// oldFileList reproduces the list behind the old tool's "All N block files"
+// debug line: per disk it wrote the first parent at index 0 and every
+// parent from index 1 on into one array, which kept the longer tail of an
+// earlier disk.
+type oldFileList struct {
+	files    []string
+	lastDisk string
+}
+
+func (l *oldFileList) set(i int, v string) {
+	for len(l.files) <= i {
+		l.files = append(l.files, "")
+	}
+	l.files[i] = v
+}
+
+// offlineWalkLines prints the old tool's offline debug lines for one disk,
+// in its order (top first): the file copied, then for each parent its
+// name, its copy and the parent's own parent.
+func (r *Runner) offlineWalkLines(disk string, chain []virt.Image, l *oldFileList) {
+	dir := r.dir.Path
+	r.p.Debug("Backing up: cp -up %s %s/", disk, dir)
+	l.lastDisk = disk
+	first := ""
+	if len(chain) > 1 {
+		first = chain[1].Path
+	}
+	l.set(0, first)
+	for i := 1; i < len(chain); i++ {
+		l.set(i, chain[i].Path)
+		r.p.Debug("Parent block device: '%s'", chain[i].Path)
+		r.p.Debug("Backing up: cp -up %s %s/", chain[i].Path, dir)
+		next := ""
+		if i+1 < len(chain) {
+			next = chain[i+1].Path
+		}
+		r.p.Debug("Next file in backing file chain: '%s'", next)
+	}
+}

@@ -1,0 +1,93 @@
+package backup
+
+import (
+	"context"
+	"errors"
+
+	"github.com/fi-backup/fi-backup/internal/journal"
+	"github.com/fi-backup/fi-backup/internal/lock"
+	"github.com/fi-backup/fi-backup/internal/virt"
+)
+
+// Journal kind of a -s state dump in progress (its guest may be paused).
+const kindDump = "dump"
+
+// RecoverAll finishes what interrupted runs left on any domain, before the
+// domains of this run are listed: a guest a killed -s run left paused is
+// resumed (so that -r and all see it running again), an orphaned block job
+// of this tool is aborted. A domain whose lock another run holds is left to
+// that run.
+func (r *Runner) RecoverAll(ctx context.Context) {
+	for _, name := range r.journal.Domains() {
+		if ctx.Err() != nil {
+			return
+		}
+		l, err := lock.TryLock(r.lockDir, name)
+		if err != nil {
+			continue // in use by a live run, or not ours to lock
+		}
+		dom, err := r.hyp.Lookup(name)
+		switch {
+		case errors.Is(err, virt.ErrNoDomain):
+			r.p.Debug("Removing the journal of '%s': the domain no longer exists", name)
+			r.clearJournal(name)
+		case err == nil:
+			_ = r.recover(dom)
+			_ = dom.Close()
+		}
+		_ = l.Unlock()
+	}
+}
+
+// recover finishes what an interrupted run left on dom (its journal): a
+// block job it started is aborted (blockjob.Recover); the migration of its
+// state dump is cancelled and the guest it paused resumed. Called with the
+// domain's lock held.
+func (r *Runner) recover(dom virt.Domain) error {
+	name := dom.Name()
+	rec, err := r.journal.Read(name)
+	switch {
+	case errors.Is(err, journal.ErrUntrusted):
+		r.p.Warn("Ignoring the journal of '%s': %v. Not acting on it (remove it if it is not yours)", name, err)
+		return nil
+	case err != nil:
+		r.p.Err("Cannot read the journal of '%s': %v", name, err)
+		return ErrFailed
+	case rec == nil:
+		return nil
+	}
+	st, err := dom.State()
+	if err != nil {
+		r.p.Err("Cannot read the state of '%s': %s", name, virt.Describe(err))
+		return ErrFailed
+	}
+	if !running(st) && st != virt.StatePaused {
+		r.clearJournal(name) // no QEMU: no job, no migration
+		return nil
+	}
+	if rec.Kind != kindDump {
+		if err := r.jobs.Recover(dom, rec); err != nil {
+			return ErrFailed
+		}
+		return nil
+	}
+	// QEMU restarts the guest itself when a migration fails; one that was
+	// held paused (or completed into the dead process's pipe) stays paused
+	// until someone resumes it.
+	_, _ = dom.QMP(`{"execute":"migrate_cancel"}`)
+	if st == virt.StatePaused {
+		if err := dom.Resume(); err != nil && !errors.Is(err, virt.ErrNotRunning) {
+			r.p.Err("Problem resuming domain '%s': %s", name, virt.Describe(err))
+			return ErrFailed
+		}
+		r.p.Warn("Resumed domain '%s', left paused by an interrupted fi-backup -s run (pid %d)", name, rec.PID)
+	}
+	r.clearJournal(name)
+	return nil
+}
+
+func (r *Runner) clearJournal(dom string) {
+	if err := r.journal.Clear(dom); err != nil {
+		r.p.Warn("Could not remove the journal '%s': %v; the next run will find it and check the domain again", r.journal.Path(dom), err)
+	}
+}

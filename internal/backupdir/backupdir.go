@@ -1,0 +1,195 @@
+// Package backupdir keeps the backup directory: the flat set of copies of
+// the domains' backing-chain files that the old tool made, each under its
+// source's basename, chained by relative backing references so that the
+// directory opens on its own. It decides what to copy (cp -u / cp -up
+// semantics, at the directory's time resolution), copies through the copy
+// engine (package copyfile), rewrites backing references, keeps a copy that
+// is about to be replaced as a generation when older restore points read it
+// (B10), and refuses any copy that would overwrite what it must not: another
+// source's copy (B12) or a disk file in use.
+//
+//	host:   vm.qcow2 ◄── vm.bimg-T1 ◄── vm.bimg-T2 (active)
+//	backup: vm.qcow2 ◄── vm.bimg-T1                  (relative references)
+package backupdir
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/fi-backup/fi-backup/internal/copyfile"
+	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/qcow2"
+)
+
+// ErrFailed means a copy (or the check before it) failed; the reason has
+// been reported.
+var ErrFailed = errors.New("backup directory operation failed")
+
+// SourceXattr records on each copy which host file it was copied from, so
+// that two different sources landing on one name (B12) are caught across
+// runs too. Files without it (made by the old script) are trusted.
+const SourceXattr = "user.fi-backup.source"
+
+// Dir is one backup directory, for one run: it remembers which source each
+// name was claimed for in this run.
+type Dir struct {
+	Path  string
+	P     *logging.Printer
+	Tool  qcow2.Tool
+	Limit *rate.Limiter // shared by all copies of the run; nil: unlimited
+
+	cleanOnce sync.Once
+	claimsMu  sync.Mutex
+	claims    map[string]string // copy → source it holds in this run
+	resOnce   sync.Once
+	res       time.Duration
+}
+
+// Exists reports whether the directory (still) exists.
+func (d *Dir) Exists() bool {
+	st, err := os.Stat(d.Path)
+	return err == nil && st.IsDir()
+}
+
+// CheckUsable proves the directory exists and takes new files.
+func (d *Dir) CheckUsable() error {
+	if !d.Exists() {
+		return errors.New("it doesn't exist or is not a directory")
+	}
+	f, err := os.CreateTemp(d.Path, ".fi-backup-probe-*")
+	if err != nil {
+		return errors.Unwrap(err)
+	}
+	name := f.Name()
+	_ = f.Close()
+	return os.Remove(name)
+}
+
+// Destination is where a chain file's copy goes: the directory, under the
+// file's own basename.
+func (d *Dir) Destination(src string) string {
+	return filepath.Join(d.Path, filepath.Base(src))
+}
+
+// Holder tells which domain uses a file, if any; *chains.Users is one.
+type Holder interface {
+	Holding(st os.FileInfo) string
+}
+
+// Admit checks, before anything is written, that the copies of files (the
+// chain files of domain name) may be made: none would land on a disk file
+// in use (a directory holding the disks themselves: same inode, or same
+// path after resolving links), and no name is claimed by another source
+// (B12). holder is asked only when a destination already exists.
+func (d *Dir) Admit(name string, files []string, holder func() Holder) error {
+	var h Holder
+	for _, src := range files {
+		dst := d.Destination(src)
+		owner := ""
+		if st, err := os.Stat(dst); err == nil {
+			if h == nil {
+				h = holder()
+			}
+			owner = h.Holding(st)
+		}
+		if same, _ := samePath(dst, src); same && owner == "" {
+			owner = name
+		}
+		if owner != "" {
+			d.P.Err("Backup directory '%s' holds disk files in use: copying '%s' there would overwrite '%s' of domain '%s'. Choose another backup directory", d.Path, src, dst, owner)
+			return ErrFailed
+		}
+		if err := d.claim(dst, src); err != nil {
+			d.P.Err("%v", err)
+			return ErrFailed
+		}
+	}
+	return nil
+}
+
+// samePath reports whether a and b name the same file after resolving
+// symbolic links (b exists; a may not).
+func samePath(a, b string) (bool, error) {
+	ra, err := filepath.EvalSymlinks(a)
+	if err != nil {
+		return false, err
+	}
+	rb, err := filepath.EvalSymlinks(b)
+	if err != nil {
+		return false, err
+	}
+	return ra == rb, nil
+}
+
+// claim refuses a copy of src to dst that would overwrite something else
+// (B12): another source claimed dst in this run, or dst records (xattr) that
+// it holds the copy of another source.
+func (d *Dir) claim(dst, src string) error {
+	d.claimsMu.Lock()
+	defer d.claimsMu.Unlock()
+	if d.claims == nil {
+		d.claims = map[string]string{}
+	}
+	if prev, ok := d.claims[dst]; ok && prev != src {
+		return fmt.Errorf("'%s' and '%s' would both be backed up as '%s': refusing to overwrite one with the other", prev, src, dst)
+	}
+	if owner := getSource(dst); owner != "" && owner != src {
+		return fmt.Errorf("'%s' already holds a copy of '%s': refusing to overwrite it with '%s'", dst, owner, src)
+	}
+	d.claims[dst] = src
+	return nil
+}
+
+// cleanTemps removes, once per run, the temporary copies interrupted runs
+// left in the directory. Copies still being written by another fi-backup
+// (another domain sharing the directory) are locked and kept.
+func (d *Dir) cleanTemps() {
+	d.cleanOnce.Do(func() {
+		removed, err := copyfile.CleanTemps(d.Path)
+		for _, p := range removed {
+			d.P.Debug("Removed '%s' left by an interrupted copy", p)
+		}
+		if err != nil {
+			d.P.Warn("Could not remove every leftover temporary copy: %v", err)
+		}
+	})
+}
+
+// timeResolution is how precisely the directory keeps mtimes, probed once
+// per run (cp -u compares at that resolution).
+func (d *Dir) timeResolution() time.Duration {
+	d.resOnce.Do(func() {
+		res, err := copyfile.TimeResolution(d.Path)
+		if err != nil {
+			d.P.Debug("Cannot probe the time resolution of '%s' (%v): comparing to the nanosecond", d.Path, err)
+			res = time.Nanosecond
+		}
+		d.res = res
+		if res > time.Nanosecond {
+			d.P.Debug("'%s' keeps modification times to %s: cp -u compares at that resolution", d.Path, res)
+		}
+	})
+	return d.res
+}
+
+func getSource(path string) string {
+	buf := make([]byte, 4096)
+	n, err := syscall.Getxattr(path, SourceXattr, buf)
+	if err != nil || n <= 0 {
+		return ""
+	}
+	return string(buf[:n])
+}
+
+// setSource is best effort: file systems without user xattrs lose only the
+// cross-run part of the B12 check.
+func setSource(path, src string) {
+	_ = syscall.Setxattr(path, SourceXattr, []byte(src), 0)
+}

@@ -1,0 +1,67 @@
+package chains
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/qcow2"
+	"github.com/fi-backup/fi-backup/internal/virt"
+	"github.com/fi-backup/fi-backup/internal/virt/virttest"
+)
+
+func qemuImg(t *testing.T, args ...string) {
+	t.Helper()
+	out, err := exec.Command("qemu-img", args...).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+}
+
+// TestOthers: the files of other domains' chains (live XML for running
+// ones, qemu-img for shut-off ones) are known by path and by inode; a chain
+// qemu-img cannot read makes the answer incomplete, naming the domain.
+func TestOthers(t *testing.T) {
+	dir := t.TempDir()
+	base, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", base, "16M")
+	qemuImg(t, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, top)
+	gone := filepath.Join(dir, "gone.qcow2")
+	broken := filepath.Join(dir, "broken.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", gone, "16M")
+	qemuImg(t, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", gone, broken)
+	require.NoError(t, os.Remove(gone))
+
+	fake := virttest.New(map[string]virt.State{"self": virt.StateRunning, "run": virt.StateRunning, "off": virt.StateShutoff, "bad": virt.StateShutoff})
+	fake.Disks["run"] = []virt.Disk{{Target: "vda", Device: "disk", Source: "/live/top", Chain: []virt.Image{{Path: "/live/top"}, {Path: "/live/base"}}, Complete: true}}
+	fake.Disks["off"] = []virt.Disk{{Target: "vda", Device: "disk", Source: top, Chain: []virt.Image{{Path: top}}}}
+	q, err := exec.LookPath("qemu-img")
+	require.NoError(t, err)
+	var out bytes.Buffer
+	r := Reader{P: logging.New(&out, true, true), Hyp: fake, Tool: qcow2.Tool{Path: q}}
+
+	u := r.Others(context.Background(), "self", true)
+	assert.True(t, u.Complete())
+	assert.Equal(t, "run", u.Of("/live/base"))
+	assert.Equal(t, "off", u.Of(base), "read through qemu-img")
+	link := filepath.Join(t.TempDir(), "link")
+	require.NoError(t, os.Symlink(base, link))
+	st, err := os.Stat(link)
+	require.NoError(t, err)
+	assert.Equal(t, "off", u.Holding(st), "found by inode, whatever the path")
+
+	fake.Disks["bad"] = []virt.Disk{{Target: "vdb", Device: "disk", Source: broken, Chain: []virt.Image{{Path: broken}}}}
+	u = r.Others(context.Background(), "self", true)
+	assert.False(t, u.Complete())
+	assert.Equal(t, "the backing chain of domain 'bad' could not be read", u.Why())
+	assert.Equal(t, "bad", u.Of(broken), "what is listed is still in use")
+	assert.Contains(t, out.String(), "[WAR] Cannot read the backing chain of domain 'bad': disk 'vdb': ")
+	out.Reset()
+	r.Others(context.Background(), "self", false)
+	assert.Empty(t, out.String(), "quiet when asked")
+}
