@@ -1,17 +1,16 @@
-// Package qcow2 reads the backing reference of qcow2 images natively and
-// uses qemu-img for what must stay byte-exact with QEMU: rewriting a backing
-// reference (`qemu-img rebase -u`) and walking chains of files that no
-// running domain describes (`qemu-img info --backing-chain --output=json -U`).
+// Package qcow2 reads and rewrites the headers of qcow2 images natively: the
+// backing reference (BackingFile), a rewrite of it that is byte for byte what
+// `qemu-img rebase -u` writes (SetBacking), and the walk of a backing chain
+// as `qemu-img info --backing-chain` lists it (Chain). Tool still runs
+// qemu-img for the callers that use it.
 package qcow2
 
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,42 +18,20 @@ import (
 	"strings"
 )
 
-var magic = []byte{'Q', 'F', 'I', 0xfb}
-
-// ErrNotQcow2 means the file has no qcow2 header (a raw image, say).
-var ErrNotQcow2 = errors.New("not a qcow2 image")
-
 // BackingFile returns the backing file name stored in a qcow2 header,
-// exactly as stored (relative or absolute); "" when there is none.
+// exactly as stored (relative or absolute; like QEMU, up to a NUL byte if
+// it holds one); "" when there is none. The header is checked as QEMU
+// checks it when it opens the image: ErrNotQcow2 for a file without the
+// qcow2 magic, an error for a header QEMU would refuse.
 func BackingFile(path string) (string, error) {
-	f, err := os.Open(path)
+	h, err := readHeader(path)
 	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	var hdr [20]byte
-	if _, err := io.ReadFull(f, hdr[:]); err != nil {
-		if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
-			return "", ErrNotQcow2
+		if errors.Is(err, ErrNotQcow2) {
+			return "", err
 		}
-		return "", err
+		return "", fmt.Errorf("%s: %w", path, err)
 	}
-	if !bytes.Equal(hdr[:4], magic) {
-		return "", ErrNotQcow2
-	}
-	off := binary.BigEndian.Uint64(hdr[8:16])
-	size := binary.BigEndian.Uint32(hdr[16:20])
-	if off == 0 || size == 0 {
-		return "", nil
-	}
-	if size > 4096 { // QEMU's own limit is 1023
-		return "", fmt.Errorf("%s: backing file name of %d bytes is implausible", path, size)
-	}
-	name := make([]byte, size)
-	if _, err := f.ReadAt(name, int64(off)); err != nil {
-		return "", fmt.Errorf("%s: read backing file name: %w", path, err)
-	}
-	return string(name), nil
+	return h.backingFile, nil
 }
 
 // Tool runs qemu-img.
