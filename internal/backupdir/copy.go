@@ -90,7 +90,7 @@ func (d *Dir) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, p
 		Limit:    d.Limit,
 		Prepare: func(tmp string) error {
 			if parent != nil {
-				if err := d.Tool.Rebase(ctx, tmp, backing, parent.Format); err != nil {
+				if err := qcow2.SetBacking(tmp, backing, parent.Format); err != nil {
 					return err
 				}
 			}
@@ -158,7 +158,7 @@ func (d *Dir) fixBacking(ctx context.Context, dst, backing string, parent *virt.
 		d.P.Warn("Cannot read the backing reference of '%s': %v", dst, err)
 		return nil
 	}
-	if err := d.Tool.Rebase(ctx, dst, backing, parent.Format); err != nil {
+	if err := qcow2.SetBacking(dst, backing, parent.Format); err != nil {
 		d.P.Err("Unable to point '%s' at '%s': %v", dst, backing, err)
 		return ErrFailed
 	}

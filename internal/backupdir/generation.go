@@ -46,7 +46,7 @@ func (d *Dir) keepGeneration(ctx context.Context, dst string, src virt.Image, ol
 	}
 	for _, dep := range deps {
 		st, _ := os.Stat(dep)
-		if err := d.Tool.Rebase(ctx, dep, filepath.Base(gen), src.Format); err != nil {
+		if err := qcow2.SetBacking(dep, filepath.Base(gen), src.Format); err != nil {
 			return err
 		}
 		if st != nil { // keep the dependant's time so cp -u decisions do not change
