@@ -38,6 +38,9 @@ type Options struct {
 	// readWriteOnly skips FICLONE and copy_file_range so tests can exercise
 	// the read/write fallback on any file system.
 	readWriteOnly bool
+
+	// syncRange replaces sync_file_range(2) in tests; nil: the real one.
+	syncRange syncRangeFunc
 }
 
 // Stats describes what a Copy did.
@@ -58,6 +61,9 @@ type Stats struct {
 // renamed over dst, and the directory is fsynced, so dst is at every moment
 // either its old version or the complete copy. On any failure, including a
 // cancelled ctx, the temporary file is removed and dst is left untouched.
+// The writeback of the data is started while it is copied, chunk by chunk
+// (sync_file_range), so the copy runs at the disk's pace with few dirty
+// pages and the final fsync has little left to wait for.
 //
 // Without opt.Preserve the copy gets the source's permission bits minus the
 // umask, belongs to the running user and has the current time as mtime (as

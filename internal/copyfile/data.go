@@ -14,8 +14,9 @@ import (
 
 const (
 	// cfrChunk bounds one copy_file_range call so ctx is checked at least
-	// every 64 MiB.
-	cfrChunk = 64 << 20
+	// every 16 MiB, and the writeback pacing sees the data in pieces no
+	// larger than its chunks.
+	cfrChunk = writebackChunk
 	// bufSize is the read/write fallback's buffer: memory use is constant
 	// whatever the file size.
 	bufSize = 1 << 20
@@ -41,8 +42,11 @@ func writeData(ctx context.Context, in, out int, size int64, opt Options) (Stats
 			return Stats{Bytes: size, Reflinked: true}, nil
 		}
 	}
-	c := copier{ctx: ctx, in: in, out: out, useCFR: !opt.readWriteOnly, limit: opt.Limit}
+	c := copier{ctx: ctx, in: in, out: out, useCFR: !opt.readWriteOnly, limit: opt.Limit, wb: newWriteback(out, opt.syncRange)}
 	if err := c.copyExtents(size); err != nil {
+		return Stats{Bytes: c.bytes}, err
+	}
+	if err := c.wb.finish(); err != nil {
 		return Stats{Bytes: c.bytes}, err
 	}
 	// Only data extents were written: extending to the source size creates
@@ -58,6 +62,7 @@ type copier struct {
 	buf     []byte // read/write fallback buffer, allocated on first use
 	bytes   int64
 	limit   *rate.Limiter // nil: as fast as the disks go
+	wb      *writeback    // moves the data to disk while copying
 }
 
 // copyExtents copies every data extent of the first size bytes of in,
@@ -151,7 +156,7 @@ func (c *copier) copyFileRange(off, n int64) (int64, error) {
 		return 0, errShrank
 	}
 	c.bytes += int64(m)
-	return int64(m), nil
+	return int64(m), c.wb.wrote(off, int64(m))
 }
 
 // cfrUnsupported reports whether copy_file_range failed because it cannot
@@ -223,8 +228,11 @@ func (c *copier) pwriteAll(b []byte, off int64) error {
 		if n == 0 {
 			return wrap("write", io.ErrShortWrite)
 		}
-		b, off = b[n:], off+int64(n)
 		c.bytes += int64(n)
+		if err := c.wb.wrote(off, int64(n)); err != nil {
+			return err
+		}
+		b, off = b[n:], off+int64(n)
 	}
 	return nil
 }
