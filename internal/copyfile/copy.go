@@ -27,8 +27,15 @@ type Options struct {
 	// once it is complete and durable (data, metadata, fsync) and right
 	// before it is renamed over dst; an error aborts the copy and leaves
 	// dst untouched. fi-backup decides here whether the copy about to be
-	// replaced must be kept as a generation.
+	// replaced must be kept as a generation. With Hash, it must not change
+	// the file's content: the hash is already taken.
 	BeforeRename func(tmp string) error
+
+	// Hash asks for the SHA-256 of the copy in Stats.SHA256. It is taken
+	// of the temporary file after Prepare (so it covers a rewritten
+	// header), read back through the page cache while the final fsync
+	// waits for the disk, holes hashed as zeros without being read.
+	Hash bool
 
 	// Limit, when set, bounds the rate at which data is copied (holes and
 	// reflinks cost nothing). One limiter may be shared by concurrent
@@ -51,6 +58,11 @@ type Stats struct {
 	Bytes int64
 	// Reflinked is true when the whole file was cloned with FICLONE.
 	Reflinked bool
+	// SHA256 is, with Options.Hash, the SHA-256 of the whole content of
+	// dst as the copy left it (holes read as zeros), in lowercase hex:
+	// what `sha256sum dst` prints. Empty without Options.Hash or when the
+	// copy failed.
+	SHA256 string
 }
 
 // Copy copies the regular file src to the path dst atomically, keeping holes.
@@ -96,13 +108,18 @@ func copyFile(ctx context.Context, src, dst string, opt Options) (Stats, error) 
 	if err != nil {
 		return Stats{}, wrap("create temp", err)
 	}
-	stats, err := writeTemp(ctx, in, out, tmp, sst, opt)
+	stats, hashing, err := writeTemp(ctx, in, out, tmp, sst, opt)
 	if err == nil {
 		err = ctx.Err() // last chance to abort before dst changes
 	}
 	if err == nil {
-		return stats, commit(out, tmp, dst, opt.BeforeRename)
+		err = commit(out, tmp, dst, opt.BeforeRename, hashing, &stats)
+		if err != nil {
+			stats.SHA256 = ""
+		}
+		return stats, err
 	}
+	hashing.abort() // it reads out: it must be over before out is closed
 	unix.Close(out)
 	unix.Unlink(tmp)
 	return stats, err
@@ -147,28 +164,47 @@ func checkDestination(dst string, src *unix.Stat_t) error {
 }
 
 // writeTemp fills the temporary file out with the data and metadata of the
-// source in.
-func writeTemp(ctx context.Context, in, out int, tmp string, sst *unix.Stat_t, opt Options) (Stats, error) {
+// source in. With opt.Hash, the hash of the final content is under way when
+// it returns without error.
+func writeTemp(ctx context.Context, in, out int, tmp string, sst *unix.Stat_t, opt Options) (Stats, *pendingHash, error) {
 	stats, err := writeData(ctx, in, out, sst.Size, opt)
 	if err != nil {
-		return stats, err
+		return stats, nil, err
 	}
 	if opt.Prepare != nil {
 		if err := opt.Prepare(tmp); err != nil {
-			return stats, fmt.Errorf("prepare: %w", err)
+			return stats, nil, fmt.Errorf("prepare: %w", err)
+		}
+	}
+	var hashing *pendingHash
+	if opt.Hash {
+		if hashing, err = startHash(ctx, out); err != nil {
+			return stats, nil, err
 		}
 	}
 	if opt.Preserve {
-		return stats, preserveMetadata(out, sst)
+		err = preserveMetadata(out, sst)
+	} else {
+		err = setMode(out, sst)
 	}
-	return stats, setMode(out, sst)
+	if err != nil {
+		hashing.abort()
+		return stats, nil, err
+	}
+	return stats, hashing, nil
 }
 
-// commit makes the temporary file durable and moves it over dst. Once the
-// rename has happened the temporary name is gone, so a failing directory
-// fsync is reported but nothing is removed.
-func commit(out int, tmp, dst string, beforeRename func(string) error) error {
+// commit makes the temporary file durable and moves it over dst; the hash,
+// if any, is taken while fsync waits. Once the rename has happened the
+// temporary name is gone, so a failing directory fsync is reported but
+// nothing is removed.
+func commit(out int, tmp, dst string, beforeRename func(string) error, hashing *pendingHash, stats *Stats) error {
 	err := wrap("fsync", unix.Fsync(out))
+	if err != nil {
+		hashing.abort()
+	} else {
+		stats.SHA256, err = hashing.wait()
+	}
 	if cerr := unix.Close(out); err == nil {
 		err = wrap("close", cerr)
 	}
