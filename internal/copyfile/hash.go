@@ -31,6 +31,7 @@ var zeros [zeroChunk]byte
 // hashed as zeros without being read, and reading overlaps with hashing.
 // The file is hashed up to the size it had when it was opened; a file that
 // changes size meanwhile is an error, not a hash of something in between.
+// Its access time is left alone where the kernel lets it (owner, root).
 func HashFile(path string) (string, error) {
 	sum, err := hashFile(path)
 	if err != nil {
@@ -40,11 +41,12 @@ func HashFile(path string) (string, error) {
 }
 
 func hashFile(path string) (string, error) {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	f, err := openNoatime(path)
 	if err != nil {
 		return "", err
 	}
-	defer unix.Close(fd)
+	defer f.Close()
+	fd := int(f.Fd())
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return "", err

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -42,4 +43,34 @@ func TestSameContent(t *testing.T) {
 	assert.True(t, same, "two empty files")
 	_, err = SameContent(a, filepath.Join(dir, "missing"))
 	assert.Error(t, err)
+}
+
+// TestSameContentKeepsAtime: comparing a cp -p copy with the previous one
+// (fi-backup does it right before the rename) leaves the access time cp -p
+// gave it, although relatime would move it (atime before ctime).
+func TestSameContentKeepsAtime(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	require.NoError(t, os.WriteFile(a, []byte("same"), 0o644))
+	require.NoError(t, os.WriteFile(b, []byte("same"), 0o644))
+	old := time.Unix(1600000000, 0)
+	require.NoError(t, os.Chtimes(a, old, old))
+	same, err := SameContent(a, b)
+	require.NoError(t, err)
+	assert.True(t, same)
+	assert.Equal(t, old.UnixNano(), statOf(t, a).Atim.Nano())
+}
+
+// TestHashFileKeepsAtime: --verify reads backup files without moving
+// their access times.
+func TestHashFileKeepsAtime(t *testing.T) {
+	t.Parallel()
+	p := filepath.Join(t.TempDir(), "f")
+	require.NoError(t, os.WriteFile(p, []byte("backup"), 0o644))
+	old := time.Unix(1600000000, 0)
+	require.NoError(t, os.Chtimes(p, old, old))
+	_, err := HashFile(p)
+	require.NoError(t, err)
+	assert.Equal(t, old.UnixNano(), statOf(t, p).Atim.Nano())
 }
