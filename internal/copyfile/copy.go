@@ -31,10 +31,12 @@ type Options struct {
 	// the file's content: the hash is already taken.
 	BeforeRename func(tmp string) error
 
-	// Hash asks for the SHA-256 of the copy in Stats.SHA256. It is taken
-	// of the temporary file after Prepare (so it covers a rewritten
-	// header), read back through the page cache while the final fsync
-	// waits for the disk, holes hashed as zeros without being read.
+	// Hash asks for the SHA-256 of the copy in Stats.SHA256. The
+	// temporary file is read back through the page cache on another core
+	// (holes hashed as zeros without being read): while it is copied when
+	// there is no Prepare, else after Prepare (so the hash covers a
+	// rewritten header) while the metadata is set and the final fsync
+	// waits for the disk.
 	Hash bool
 
 	// Limit, when set, bounds the rate at which data is copied (holes and
@@ -165,30 +167,43 @@ func checkDestination(dst string, src *unix.Stat_t) error {
 
 // writeTemp fills the temporary file out with the data and metadata of the
 // source in. With opt.Hash, the hash of the final content is under way when
-// it returns without error.
+// it returns without error: without Prepare, nothing changes the data once
+// it is copied, so the hash follows the copy as it is written; with
+// Prepare, it starts once Prepare is done.
 func writeTemp(ctx context.Context, in, out int, tmp string, sst *unix.Stat_t, opt Options) (Stats, *pendingHash, error) {
-	stats, err := writeData(ctx, in, out, sst.Size, opt)
-	if err != nil {
-		return stats, nil, err
-	}
-	if opt.Prepare != nil {
-		if err := opt.Prepare(tmp); err != nil {
-			return stats, nil, fmt.Errorf("prepare: %w", err)
+	var (
+		prog    *progress
+		hashing *pendingHash
+		err     error
+	)
+	if opt.Hash && opt.Prepare == nil {
+		prog = newProgress()
+		if hashing, err = startHash(ctx, out, prog); err != nil {
+			return Stats{}, nil, err
 		}
 	}
-	var hashing *pendingHash
-	if opt.Hash {
-		if hashing, err = startHash(ctx, out); err != nil {
-			return stats, nil, err
+	stats, err := writeData(ctx, in, out, sst.Size, opt, prog)
+	if err == nil && opt.Prepare != nil {
+		if perr := opt.Prepare(tmp); perr != nil {
+			err = fmt.Errorf("prepare: %w", perr)
 		}
 	}
-	if opt.Preserve {
-		err = preserveMetadata(out, sst)
-	} else {
-		err = setMode(out, sst)
+	if err == nil && opt.Hash && hashing == nil {
+		var st unix.Stat_t
+		if err = wrap("stat temp", unix.Fstat(out, &st)); err == nil {
+			hashing, err = startHash(ctx, out, finished(st.Size))
+		}
+	}
+	if err == nil {
+		if opt.Preserve {
+			err = preserveMetadata(out, sst)
+		} else {
+			err = setMode(out, sst)
+		}
 	}
 	if err != nil {
-		hashing.abort()
+		prog.fail()
+		hashing.abort() // it reads out: it must be over before out is closed
 		return stats, nil, err
 	}
 	return stats, hashing, nil

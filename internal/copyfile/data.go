@@ -33,16 +33,19 @@ var errShrank = errors.New("source shrank during copy")
 
 // writeData copies the content of in (size bytes) into the empty file out:
 // a whole-file reflink when the file system can, else extent by extent.
-func writeData(ctx context.Context, in, out int, size int64, opt Options) (Stats, error) {
+// prog, if not nil, learns how far out is complete.
+func writeData(ctx context.Context, in, out int, size int64, opt Options, prog *progress) (Stats, error) {
 	if size > 0 && !opt.readWriteOnly {
 		// Fails with EOPNOTSUPP, EXDEV, EINVAL... where reflinks are not
 		// possible (ext4, tmpfs, across file systems); out is still empty
 		// then, and the extent copy below does the work.
 		if unix.IoctlFileClone(out, in) == nil {
+			prog.finish(size)
 			return Stats{Bytes: size, Reflinked: true}, nil
 		}
 	}
-	c := copier{ctx: ctx, in: in, out: out, useCFR: !opt.readWriteOnly, limit: opt.Limit, wb: newWriteback(out, opt.syncRange)}
+	c := copier{ctx: ctx, in: in, out: out, useCFR: !opt.readWriteOnly, limit: opt.Limit,
+		wb: newWriteback(out, opt.syncRange), prog: prog}
 	if err := c.copyExtents(size); err != nil {
 		return Stats{Bytes: c.bytes}, err
 	}
@@ -51,7 +54,11 @@ func writeData(ctx context.Context, in, out int, size int64, opt Options) (Stats
 	}
 	// Only data extents were written: extending to the source size creates
 	// the trailing hole, if any.
-	return Stats{Bytes: c.bytes}, wrap("truncate", unix.Ftruncate(out, size))
+	if err := unix.Ftruncate(out, size); err != nil {
+		return Stats{Bytes: c.bytes}, wrap("truncate", err)
+	}
+	prog.finish(size)
+	return Stats{Bytes: c.bytes}, nil
 }
 
 // copier copies byte ranges between two descriptors at explicit offsets.
@@ -63,6 +70,7 @@ type copier struct {
 	bytes   int64
 	limit   *rate.Limiter // nil: as fast as the disks go
 	wb      *writeback    // moves the data to disk while copying
+	prog    *progress     // how far out is complete, for a hash that follows
 }
 
 // copyExtents copies every data extent of the first size bytes of in,
@@ -73,6 +81,7 @@ func (c *copier) copyExtents(size int64) error {
 		if err != nil {
 			return err
 		}
+		c.prog.advance(start) // a hole before the extent, if any
 		if err := c.copyRange(start, end); err != nil {
 			return err
 		}
@@ -116,6 +125,7 @@ func (c *copier) copyRange(off, end int64) error {
 			return err
 		}
 		off += n
+		c.prog.advance(off)
 	}
 	return nil
 }

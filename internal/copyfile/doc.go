@@ -33,6 +33,8 @@
 // at a time, and the copy waits for the chunk before the last one: the disk
 // writes while the source is read, at most two chunks are dirty, and the
 // final fsync finds little left. On request (Options.Hash) Copy also
-// returns the SHA-256 of the copy, taken on the second core while that
-// final fsync runs; HashFile hashes a file the same way.
+// returns the SHA-256 of the copy, read back from the page cache on another
+// core: while the data is copied when nothing changes it afterwards (no
+// Prepare), else after Prepare while that final fsync runs. HashFile hashes
+// a file the same way.
 package copyfile

@@ -57,7 +57,7 @@ func hashFile(path string) (string, error) {
 	// Twice the default read-ahead: the file is read from start to end.
 	_ = unix.Fadvise(fd, 0, 0, unix.FADV_SEQUENTIAL)
 	size := st.Size
-	sum, err := hashFD(context.Background(), fd, size)
+	sum, err := hashFD(context.Background(), fd, finished(size))
 	if err != nil {
 		return "", err
 	}
@@ -70,18 +70,109 @@ func hashFile(path string) (string, error) {
 	return sum, nil
 }
 
-// piece is what the reader of a hash hands to the hashing: n bytes of buf,
-// or a hole of zeros bytes, or the error that stopped the reading.
+// progress tells how much of a file is final: everything before done, and
+// all of it (done is then its size) once final. A copy advances it as it
+// writes, so that its hash can follow it; a file at rest is final at once.
+type progress struct {
+	mu     sync.Mutex
+	cond   sync.Cond
+	done   int64
+	final  bool
+	failed bool
+}
+
+func newProgress() *progress {
+	p := &progress{}
+	p.cond.L = &p.mu
+	return p
+}
+
+// finished is the progress of a file of size bytes that is complete.
+func finished(size int64) *progress {
+	p := newProgress()
+	p.finish(size)
+	return p
+}
+
+// advance records that everything before off is final. A nil progress
+// (no hash follows the copy) ignores it; so do finish and fail.
+func (p *progress) advance(off int64) {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	if off > p.done {
+		p.done = off
+		p.cond.Broadcast()
+	}
+	p.mu.Unlock()
+}
+
+// finish records that the file is complete and size bytes long.
+func (p *progress) finish(size int64) {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	p.done, p.final = size, true
+	p.cond.Broadcast()
+	p.mu.Unlock()
+}
+
+// fail records that the file will not be complete.
+func (p *progress) fail() {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	p.failed = true
+	p.cond.Broadcast()
+	p.mu.Unlock()
+}
+
+// errIncomplete is what a hash that followed a failed copy returns.
+var errIncomplete = errors.New("the file was not completed")
+
+// wait blocks until more than off bytes are final, the file is complete,
+// the copy failed or stop is closed (wake must be called after closing it)
+// and returns how far the file is final and whether that is its end.
+func (p *progress) wait(off int64, stop <-chan struct{}) (done int64, final bool, err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for !p.failed && !p.final && p.done <= off {
+		select {
+		case <-stop:
+			return 0, false, errIncomplete
+		default:
+		}
+		p.cond.Wait()
+	}
+	if p.failed {
+		return 0, false, errIncomplete
+	}
+	return p.done, p.final, nil
+}
+
+// wake lets a wait see that its stop channel was closed.
+func (p *progress) wake() {
+	p.mu.Lock()
+	p.cond.Broadcast()
+	p.mu.Unlock()
+}
+
+// piece is what the reader of a hash hands to the hashing: the bytes of
+// buf, or a hole of zeros bytes, or the error that stopped the reading.
 type piece struct {
 	buf   []byte
 	zeros int64
 	err   error
 }
 
-// hashFD hashes the first size bytes of fd (holes as zeros) and checks ctx
-// between pieces. A goroutine reads ahead into a few fixed buffers; it has
-// ended when hashFD returns, so the caller may close fd right away.
-func hashFD(ctx context.Context, fd int, size int64) (string, error) {
+// hashFD hashes fd as far as prog says it is final, until its end (holes as
+// zeros), and checks ctx between pieces. A goroutine reads ahead into a few
+// fixed buffers; it has ended when hashFD returns, so the caller may close
+// fd right away.
+func hashFD(ctx context.Context, fd int, prog *progress) (string, error) {
 	free := make(chan []byte, hashBuffers)
 	for range hashBuffers {
 		free <- make([]byte, bufSize)
@@ -93,9 +184,10 @@ func hashFD(ctx context.Context, fd int, size int64) (string, error) {
 	go func() {
 		defer wg.Done()
 		defer close(pieces)
-		readPieces(fd, size, free, pieces, stop)
+		readPieces(fd, prog, free, pieces, stop)
 	}()
 	defer wg.Wait()
+	defer prog.wake()
 	defer close(stop)
 
 	h := sha256.New()
@@ -116,9 +208,11 @@ func hashFD(ctx context.Context, fd int, size int64) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
-// readPieces walks the data extents of the first size bytes of fd and
-// sends holes and data, in order, until the end or until stop is closed.
-func readPieces(fd int, size int64, free <-chan []byte, pieces chan<- piece, stop <-chan struct{}) {
+// readPieces walks the data extents of fd as far as prog says it is final
+// and sends holes and data, in order, until its end or until stop is
+// closed. Below done, what SEEK_DATA/SEEK_HOLE call a hole reads as zeros:
+// it is hashed as such without being read.
+func readPieces(fd int, prog *progress, free <-chan []byte, pieces chan<- piece, stop <-chan struct{}) {
 	send := func(p piece) bool {
 		select {
 		case pieces <- p:
@@ -127,8 +221,16 @@ func readPieces(fd int, size int64, free <-chan []byte, pieces chan<- piece, sto
 			return false
 		}
 	}
-	for off := int64(0); off < size; {
-		start, end, err := nextExtent(fd, off, size)
+	for off := int64(0); ; {
+		done, final, err := prog.wait(off, stop)
+		if err != nil {
+			send(piece{err: err})
+			return
+		}
+		if final && off >= done {
+			return
+		}
+		start, end, err := nextExtent(fd, off, done)
 		if err != nil {
 			send(piece{err: err})
 			return
@@ -171,7 +273,7 @@ func hashZeros(h hash.Hash, n int64) {
 }
 
 // pendingHash is the hash of a copy's temporary file, taken in the
-// background while the copy finishes.
+// background while the copy goes on.
 type pendingHash struct {
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -179,14 +281,10 @@ type pendingHash struct {
 	err    error
 }
 
-// startHash starts hashing the file open as fd, as long as it is now. The
-// reads do not touch the file's access time (cp -p sets it afterwards).
-// fd must stay open until wait or abort has returned.
-func startHash(ctx context.Context, fd int) (*pendingHash, error) {
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return nil, wrap("hash: stat", err)
-	}
+// startHash starts hashing the file open as fd, following prog. The reads
+// do not touch the file's access time (cp -p sets it afterwards). fd must
+// stay open until wait or abort has returned.
+func startHash(ctx context.Context, fd int, prog *progress) (*pendingHash, error) {
 	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
 	if err == nil {
 		_, err = unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags|unix.O_NOATIME)
@@ -198,7 +296,7 @@ func startHash(ctx context.Context, fd int) (*pendingHash, error) {
 	p := &pendingHash{cancel: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(p.done)
-		p.sum, p.err = hashFD(hctx, fd, st.Size)
+		p.sum, p.err = hashFD(hctx, fd, prog)
 	}()
 	return p, nil
 }

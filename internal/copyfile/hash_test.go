@@ -183,7 +183,7 @@ func TestHashFDCancelled(t *testing.T) {
 	fd, err := syscall.Open(p, syscall.O_RDONLY, 0)
 	require.NoError(t, err)
 	defer syscall.Close(fd)
-	_, err = hashFD(newCountdownCtx(2), fd, 8*mib)
+	_, err = hashFD(newCountdownCtx(2), fd, finished(8*mib))
 	assert.ErrorIs(t, err, context.Canceled)
 }
 
@@ -256,10 +256,50 @@ func TestStartHashKeepsAtime(t *testing.T) {
 	fd, err := syscall.Open(p, syscall.O_RDWR, 0)
 	require.NoError(t, err)
 	defer syscall.Close(fd)
-	h, err := startHash(context.Background(), fd)
+	h, err := startHash(context.Background(), fd, finished(2*mib))
 	require.NoError(t, err)
 	sum, err := h.wait()
 	require.NoError(t, err)
 	assert.Equal(t, atime.UnixNano(), statOf(t, p).Atim.Nano())
 	assert.Equal(t, sha256sum(t, p), sum) // reading moves the atime: last
+}
+
+// TestCopyHashFollowsAFailingCopy: when the copy that the hash follows
+// fails halfway (cancelled, a writeback error), the hash stops too and the
+// copy fails as it would without it, leaving nothing.
+func TestCopyHashFollowsAFailingCopy(t *testing.T) {
+	t.Parallel()
+	src := tempDirFile(t, "src")
+	writeFile(t, src, 64*mib, map[int64][]byte{0: randomBytes(20*mib, 33), 40 * mib: randomBytes(20*mib, 34)})
+	both(t, func(t *testing.T, opt Options) {
+		opt.Hash = true
+		for _, tc := range []struct {
+			name string
+			ctx  context.Context
+			sync syncRangeFunc
+			want error
+		}{
+			{"cancelled", newCountdownCtx(3), nil, context.Canceled},
+			{"writeback error", context.Background(), (&syncRecorder{failAt: 2, failErr: syscall.EIO}).sync, syscall.EIO},
+		} {
+			opt.syncRange = tc.sync
+			dir := t.TempDir()
+			stats, err := Copy(tc.ctx, src, filepath.Join(dir, "dst"), opt)
+			assert.ErrorIs(t, err, tc.want, tc.name)
+			assert.Empty(t, stats.SHA256, tc.name)
+			assert.Empty(t, dirNames(t, dir), tc.name)
+		}
+	})
+}
+
+// TestCopyHashRateLimited: a hash that follows a slow copy waits for it
+// and is still exact.
+func TestCopyHashRateLimited(t *testing.T) {
+	t.Parallel()
+	src := tempDirFile(t, "src")
+	writeFile(t, src, 32*mib, map[int64][]byte{mib: randomBytes(3*mib, 35), 20 * mib: randomBytes(mib, 36)})
+	dst := tempDirFile(t, "dst")
+	stats, err := Copy(context.Background(), src, dst, Options{Hash: true, Limit: NewLimiter(64 << 20)})
+	require.NoError(t, err)
+	assert.Equal(t, sha256sum(t, dst), stats.SHA256)
 }
