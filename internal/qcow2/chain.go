@@ -65,7 +65,8 @@ func Chain(path string) ([]Image, error) {
 // seen before (by device and inode: different names can reach one file)
 // and returns it with its backing reference, if any.
 func chainElement(name, format string, seen map[[2]uint64]bool) (img Image, backing, backingFormat string, err error) {
-	f, err := os.Open(name)
+	// O_NONBLOCK: opening a FIFO must not hang the walk.
+	f, err := os.OpenFile(name, os.O_RDONLY|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return Image{}, "", "", err
 	}
@@ -73,6 +74,9 @@ func chainElement(name, format string, seen map[[2]uint64]bool) (img Image, back
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return Image{}, "", "", fmt.Errorf("%s: %w", name, err)
+	}
+	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG && t != unix.S_IFBLK {
+		return Image{}, "", "", fmt.Errorf("%s: not a regular file or block device", name)
 	}
 	id := [2]uint64{st.Dev, st.Ino}
 	if seen[id] {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // qemuChain is what qemu-img info --backing-chain lists for path (made
@@ -181,7 +182,11 @@ func TestChainErrors(t *testing.T) {
 		{"loop through ever longer names", "infinite loop", func(t *testing.T, d string) string {
 			return layer(t, d, "self.qcow2", "./self.qcow2", "qcow2")
 		}, false}, // qemu-img goes on until the name is too long
-		{"directory as backing file", "", func(t *testing.T, d string) string {
+		{"FIFO as backing file", "not a regular file", func(t *testing.T, d string) string {
+			require.NoError(t, unix.Mkfifo(filepath.Join(d, "fifo"), 0o644))
+			return layer(t, d, "top.qcow2", "fifo", "qcow2")
+		}, false}, // qemu-img would wait for a writer
+		{"directory as backing file", "not a regular file", func(t *testing.T, d string) string {
 			require.NoError(t, os.Mkdir(filepath.Join(d, "dir"), 0o755))
 			return layer(t, d, "top.qcow2", "dir", "qcow2")
 		}, true},
