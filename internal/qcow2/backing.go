@@ -42,12 +42,20 @@ var ErrHeaderFull = errors.New("no space left in the file header")
 // (qemu-img flushes when it closes the image), so the new reference is
 // durable when SetBacking returns.
 //
-// Images that qemu-img would change beyond the header, or would refuse,
-// are refused with an error and left untouched: not closed cleanly (dirty
-// bit: qemu-img repairs refcounts first), marked corrupt, encrypted, with
-// persistent dirty bitmaps (qemu-img rewrites the bitmap directory), a raw
-// external data file given a backing file, unknown incompatible features.
-// SetBacking takes no lock: the image must not be in use, as for
+// Persistent dirty bitmaps (libvirt checkpoints) are the one difference:
+// qemu-img loads them when it opens the image and stores them again when it
+// closes it, at newly allocated clusters, so its file differs beyond the
+// header. SetBacking leaves them where they are and keeps the bitmaps
+// extension (and its autoclear bit) as it is: the data they describe does
+// not change. The file is then the one qemu-img writes but for the bitmap
+// directory's place; qemu-img check finds it clean and lists the same
+// bitmaps (see the tests).
+//
+// Images that qemu-img would change beyond the header otherwise, or would
+// refuse, are refused with an error and left untouched: not closed cleanly
+// (dirty bit: qemu-img repairs refcounts first), marked corrupt, encrypted,
+// a raw external data file given a backing file, unknown incompatible
+// features. SetBacking takes no lock: the image must not be in use, as for
 // qemu-img rebase.
 func SetBacking(path, backing, format string) error {
 	if err := setBacking(path, backing, format); err != nil {
@@ -118,8 +126,6 @@ func (h *header) checkWritable(backing string) error {
 		return errors.New("image was not closed cleanly (dirty bit set): qemu-img would repair its refcounts; run qemu-img check -r all first")
 	case h.cryptMethod != cryptNone || h.hasCrypto:
 		return errors.New("encrypted images are not supported")
-	case h.hasBitmaps:
-		return errors.New("images with persistent dirty bitmaps are not supported (qemu-img rewrites the bitmap directory)")
 	case backing != "" && h.autoclear&autoclearDataFileRaw != 0:
 		return errors.New("an image whose external data file is raw cannot have a backing file")
 	}
@@ -188,6 +194,9 @@ func (h *header) rewrite(backing, format string) ([]byte, error) {
 	}
 	if h.version >= 3 && h.clusterSize() > 4096 {
 		w.ext(extFeatureTable, featureTable)
+	}
+	if h.hasBitmaps {
+		w.ext(extBitmaps, h.bitmapsExt)
 	}
 	for i := len(h.unknownExts) - 1; i >= 0; i-- {
 		w.ext(h.unknownExts[i].magic, h.unknownExts[i].data)

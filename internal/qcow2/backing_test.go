@@ -3,6 +3,7 @@ package qcow2
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -256,8 +257,8 @@ func assertSameFile(t *testing.T, a, b, what string) {
 }
 
 // TestSetBackingRefuses: images that qemu-img would change beyond the
-// header (dirty bit: refcount repair; bitmaps: a new bitmap directory), or
-// cannot open for writing, are refused, with a reason, and left untouched.
+// header (dirty bit: refcount repair), or cannot open for writing, are
+// refused, with a reason, and left untouched.
 func TestSetBackingRefuses(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
@@ -272,10 +273,6 @@ func TestSetBackingRefuses(t *testing.T) {
 		{"corrupt", "corrupt", func(p string) {
 			create(t, p, "", "", "")
 			editHeader(t, p, func(c []byte) { binary.BigEndian.PutUint64(c[72:], incompatCorrupt) })
-		}},
-		{"bitmaps", "bitmaps", func(p string) {
-			create(t, p, "", "", "")
-			mustQemuImg(t, "bitmap", "--add", p, "b0")
 		}},
 		{"encrypted", "encrypted", func(p string) {
 			mustQemuImg(t, "create", "-q", "--object", "secret,id=s0,data=secret", "-f", "qcow2",
@@ -312,19 +309,74 @@ func TestSetBackingRefuses(t *testing.T) {
 	assert.ErrorIs(t, err, os.ErrNotExist)
 }
 
-// TestSetBackingBitmapsWhyRefused pins why images with bitmaps are
-// refused: qemu-img rebase -u changes them beyond the first cluster.
-func TestSetBackingBitmapsWhyRefused(t *testing.T) {
+// TestSetBackingKeepsBitmaps: qemu-img rebase -u loads an image's
+// persistent bitmaps and stores them again at new clusters; SetBacking
+// leaves them where they are. Its file differs from the original in the
+// first cluster only, its header is qemu-img's but for the bitmap
+// directory's offset, qemu-img check finds it clean, and qemu-img info
+// lists the same bitmaps and backing reference as for qemu-img's file.
+func TestSetBackingKeepsBitmaps(t *testing.T) {
 	t.Parallel()
-	p := scratch(t, "bitmaps.qcow2")
-	create(t, p, "", "", "")
-	mustQemuImg(t, "bitmap", "--add", p, "b0")
-	before, err := os.ReadFile(p)
+	dir := t.TempDir()
+	orig := filepath.Join(dir, "orig.qcow2")
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "old base.qcow2"), nil, 0o644))
+	require.NoError(t, os.Truncate(filepath.Join(dir, "old base.qcow2"), 16<<20))
+	create(t, orig, "", "old base.qcow2", "raw")
+	mustQemuImg(t, "bitmap", "--add", orig, "daily")
+	mustQemuImg(t, "bitmap", "--add", "--granularity", "128k", orig, "weekly")
+	out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 1M 1M", orig).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	withQemu, native := filepath.Join(dir, "qemu-img"), filepath.Join(dir, "native")
+	copyFile(t, orig, withQemu)
+	copyFile(t, orig, native)
+	mustQemuImg(t, "rebase", "-u", "-f", "qcow2", "-b", "new base.qcow2", "-F", "qcow2", withQemu)
+	require.NoError(t, SetBacking(native, "new base.qcow2", "qcow2"))
+
+	before, err := os.ReadFile(orig)
 	require.NoError(t, err)
-	mustQemuImg(t, "rebase", "-u", "-f", "qcow2", "-b", "base", "-F", "qcow2", p)
-	after, err := os.ReadFile(p)
+	after, err := os.ReadFile(native)
+	require.NoError(t, err)
+	byQemu, err := os.ReadFile(withQemu)
 	require.NoError(t, err)
 	cluster := 64 << 10
-	changedBeyond := len(before) != len(after) || !bytes.Equal(before[cluster:], after[cluster:])
-	assert.True(t, changedBeyond, "qemu-img only rewrote the header of an image with bitmaps: SetBacking could support them")
+	require.Len(t, after, len(before))
+	assert.True(t, bytes.Equal(before[cluster:], after[cluster:]), "SetBacking changed more than the first cluster")
+	assert.False(t, len(byQemu) == len(before) && bytes.Equal(before[cluster:], byQemu[cluster:]),
+		"qemu-img no longer moves the bitmaps: compare the files byte for byte instead")
+
+	hq, err := parseHeader(byQemu[:cluster])
+	require.NoError(t, err)
+	hn, err := parseHeader(after[:cluster])
+	require.NoError(t, err)
+	assert.Equal(t, hq.bitmapsExt[:16], hn.bitmapsExt[:16], "bitmap count and directory size")
+	hq.bitmapsExt, hn.bitmapsExt = nil, nil
+	hq.refcountOffset, hn.refcountOffset = 0, 0 // qemu-img may grow the refcount table for the new clusters
+	hq.refcountClusters, hn.refcountClusters = 0, 0
+	assert.Equal(t, hq, hn, "the headers differ beyond the bitmap directory")
+
+	create(t, filepath.Join(dir, "new base.qcow2"), "", "", "")
+	out, err = qemuImg(t, "check", native)
+	assert.NoError(t, err, "qemu-img check: %s", out)
+	assert.Contains(t, string(out), "No errors were found")
+	assert.Equal(t, imageInfo(t, withQemu), imageInfo(t, native))
+	t.Log(imageInfo(t, native))
+}
+
+// imageInfo is what qemu-img info says about an image's backing reference
+// and bitmaps.
+func imageInfo(t *testing.T, path string) string {
+	t.Helper()
+	out, err := qemuImg(t, "info", "--output=json", "-U", path)
+	require.NoError(t, err, "%s", out)
+	var info struct {
+		Backing       string `json:"backing-filename"`
+		BackingFormat string `json:"backing-filename-format"`
+		Specific      struct {
+			Data struct {
+				Bitmaps json.RawMessage `json:"bitmaps"`
+			} `json:"data"`
+		} `json:"format-specific"`
+	}
+	require.NoError(t, json.Unmarshal(out, &info))
+	return fmt.Sprintf("%s (%s) %s", info.Backing, info.BackingFormat, info.Specific.Data.Bitmaps)
 }

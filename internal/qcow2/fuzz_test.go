@@ -119,6 +119,8 @@ func assertSameImage(t *testing.T, before, after *header) {
 	assert.Equal(t, before.refcountOrder, after.refcountOrder)
 	assert.Equal(t, before.compressionType, after.compressionType)
 	assert.Equal(t, before.unknownFields, after.unknownFields)
+	assert.Equal(t, before.hasBitmaps, after.hasBitmaps)
+	assert.Equal(t, before.bitmapsExt, after.bitmapsExt)
 	if before.incompatible&incompatDataFile != 0 {
 		assert.Equal(t, before.dataFile, after.dataFile)
 	} else { // QEMU drops a data file extension without its feature bit

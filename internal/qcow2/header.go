@@ -111,7 +111,8 @@ type header struct {
 	hasFormat     bool   // a backing format extension is present
 	dataFile      string // external data file extension, as QEMU reads it
 	hasDataFile   bool
-	hasBitmaps    bool // a bitmaps extension that QEMU loads
+	hasBitmaps    bool   // a bitmaps extension that QEMU loads
+	bitmapsExt    []byte // its data
 	hasCrypto     bool
 	unknownExts   []extension // in file order
 }
@@ -365,7 +366,7 @@ func (h *header) parseExtensions(buf []byte, start, end uint64) error {
 			if err := checkBitmapsExt(data, uint64(h.clusterSize())); err != nil {
 				return err
 			}
-			h.hasBitmaps = true
+			h.hasBitmaps, h.bitmapsExt = true, bytes.Clone(data)
 		case extDataFile:
 			h.dataFile, h.hasDataFile = string(cString(data)), true
 		default:
