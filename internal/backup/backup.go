@@ -50,6 +50,7 @@ type Env struct {
 	Now       func() time.Time
 	LockDir   string
 	QemuImg   string
+	Tool      string        // "fi-backup <version>", recorded in the manifests
 	PollEvery time.Duration // block-job poll (tests make it short); 0: the default
 }
 
@@ -64,6 +65,7 @@ type Runner struct {
 	prog    string
 	now     func() time.Time
 	lockDir string
+	tool    string
 	journal journal.Store
 	chains  chains.Reader
 	dir     *backupdir.Dir // nil without -b
@@ -74,7 +76,7 @@ type Runner struct {
 func New(cfg Config, env Env) *Runner {
 	tool := qcow2.Tool{Path: env.QemuImg}
 	r := &Runner{
-		cfg: cfg, p: env.P, hyp: env.Hyp, prog: env.Prog, now: env.Now, lockDir: env.LockDir,
+		cfg: cfg, p: env.P, hyp: env.Hyp, prog: env.Prog, now: env.Now, lockDir: env.LockDir, tool: env.Tool,
 		journal: journal.Store{Dir: env.LockDir},
 		chains:  chains.Reader{P: env.P, Hyp: env.Hyp, Tool: tool},
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 
+	"github.com/fi-backup/fi-backup/internal/backupdir"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
@@ -59,14 +60,19 @@ func (r *Runner) offline(ctx context.Context, dom virt.Domain, before virt.State
 			return ErrFailed
 		}
 	}
+	at := r.now()
 	var listed oldFileList
+	var done []copied
 	for i, d := range disks {
 		if chains[i] == nil {
 			continue
 		}
 		r.offlineWalkLines(d.Source, chains[i], &listed)
-		if err := r.dir.CopyChain(ctx, chains[i], true); err != nil {
+		files, err := r.dir.CopyChain(ctx, name, chains[i], true)
+		if err != nil {
 			failed = true
+		} else {
+			done = append(done, copied{disk: d, top: chains[i][0], chain: chains[i], files: files})
 		}
 		if ctx.Err() != nil {
 			break
@@ -83,7 +89,7 @@ func (r *Runner) offline(ctx context.Context, dom virt.Domain, before virt.State
 	if failed {
 		return ErrFailed
 	}
-	return nil
+	return r.record(ctx, dom, at, backupdir.MethodOffline, all, done, "")
 }
 
 // oldFileList reproduces the list behind the old tool's "All N block files"

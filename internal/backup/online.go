@@ -3,6 +3,7 @@ package backup
 import (
 	"context"
 
+	"github.com/fi-backup/fi-backup/internal/backupdir"
 	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"github.com/fi-backup/fi-backup/internal/statedump"
 	"github.com/fi-backup/fi-backup/internal/virt"
@@ -94,28 +95,32 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		}
 		return nil
 	}
-	if err := r.copyOnline(ctx, dom); err != nil {
-		failed = true
-	}
-	if failed {
+	all, disks, err := r.copyOnline(ctx, dom)
+	if err != nil || failed {
 		return ErrFailed
 	}
-	return nil
+	state := ""
+	if dump != nil {
+		state = dump.Path()
+	}
+	return r.record(ctx, dom, ts, backupdir.MethodSnapshot, all, disks, state)
 }
 
 // copyOnline copies, disk by disk, every file of the chain below the new
-// overlay (read-only from now on, so no pause is needed).
-func (r *Runner) copyOnline(ctx context.Context, dom virt.Domain) error {
+// overlay (read-only from now on, so no pause is needed). It returns the
+// domain's disks and what each snapshotted disk's copy left.
+func (r *Runner) copyOnline(ctx context.Context, dom virt.Domain) ([]virt.Disk, []copied, error) {
 	if !r.dir.Exists() {
 		// The old tool's message when the directory vanished meanwhile.
 		r.p.Err("Backup directory '%s' doesn't exist", r.dir.Path)
-		return ErrFailed
+		return nil, nil, ErrFailed
 	}
 	all, err := dom.Disks()
 	if err != nil {
 		r.p.Err("Cannot read the disks of '%s': %s", dom.Name(), virt.Describe(err))
-		return ErrFailed
+		return nil, nil, ErrFailed
 	}
+	var out []copied
 	failed := false
 	for _, d := range virt.FileDisks(all) {
 		r.p.Debug("Getting all backing files for: '%s'", d.Source)
@@ -125,15 +130,22 @@ func (r *Runner) copyOnline(ctx context.Context, dom virt.Domain) error {
 			continue
 		}
 		r.p.ChainWalk(virt.Paths(d.Chain))
-		if err := r.dir.CopyChain(ctx, d.Chain[1:], false); err != nil {
+		files, err := r.dir.CopyChain(ctx, dom.Name(), d.Chain[1:], false)
+		if err != nil {
 			failed = true
 			if ctx.Err() != nil {
 				break
 			}
+			continue
+		}
+		// A disk left out of the snapshot (snapshot='no', read-only) keeps
+		// its active image: what was copied is not a restore point of it.
+		if len(files) > 0 && d.Snapshot != "no" && !d.ReadOnly {
+			out = append(out, copied{disk: d, top: d.Chain[1], chain: d.Chain[1:], files: files})
 		}
 	}
 	if failed {
-		return ErrFailed
+		return nil, nil, ErrFailed
 	}
-	return nil
+	return all, out, nil
 }

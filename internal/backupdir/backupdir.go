@@ -50,6 +50,8 @@ type Dir struct {
 	claims    map[string]string // copy → source it holds in this run
 	resOnce   sync.Once
 	res       time.Duration
+	hashMu    sync.Mutex
+	hashes    map[string]File // checksums the manifests record, by file name
 }
 
 // Exists reports whether the directory (still) exists.

@@ -18,26 +18,54 @@ import (
 // is rewritten, and an interrupted run leaves a consistent prefix. preserve
 // selects cp -up (offline: mode, owner and times kept) over cp -u. The
 // first failure stops the chain: a copy above it would depend on a stale or
-// missing parent.
-func (d *Dir) CopyChain(ctx context.Context, imgs []virt.Image, preserve bool) error {
+// missing parent. It returns the copies that hold the chain now, top first,
+// as a manifest records them.
+func (d *Dir) CopyChain(ctx context.Context, domain string, imgs []virt.Image, preserve bool) ([]File, error) {
 	d.cleanTemps()
+	if err := d.FinishPending(domain); err != nil {
+		d.P.Err("Cannot bring the manifests of '%s' up to date: %v", d.Path, err)
+		return nil, ErrFailed
+	}
+	files := make([]File, len(imgs))
 	parentReplaced := false
 	for i := len(imgs) - 1; i >= 0; i-- {
 		if err := ctx.Err(); err != nil {
 			d.P.Err("Copy of '%s' interrupted", imgs[i].Path)
-			return err
+			return nil, err
 		}
 		var parent *virt.Image
 		if i+1 < len(imgs) {
 			parent = &imgs[i+1]
 		}
 		var err error
-		parentReplaced, err = d.copyOne(ctx, imgs[i], parent, preserve, parentReplaced)
+		parentReplaced, files[i], err = d.copyOne(ctx, domain, imgs[i], parent, preserve, parentReplaced)
 		if err != nil {
-			return ErrFailed
+			return nil, ErrFailed
 		}
 	}
-	return nil
+	return files, nil
+}
+
+// describe is what a manifest records of the copy name of src.
+func (d *Dir) describe(name string, src virt.Image, sum string) (File, error) {
+	p := filepath.Join(d.Path, name)
+	format, vsize, err := qcow2.VirtualSize(p)
+	if err != nil {
+		return File{}, err
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		return File{}, err
+	}
+	if sum == "" {
+		if sum, _, err = d.fileHash(name); err != nil {
+			return File{}, err
+		}
+	}
+	if src.Format != "" {
+		format = src.Format
+	}
+	return File{Name: name, Source: src.Path, Size: st.Size(), VirtualSize: vsize, Format: format, SHA256: sum}, nil
 }
 
 // copyOne copies one chain file. parentReplaced says the parent's copy got
@@ -45,14 +73,22 @@ func (d *Dir) CopyChain(ctx context.Context, imgs []virt.Image, preserve bool) e
 // existing copy of src, whose data only means something on top of the old
 // parent, is kept as a generation too and src is copied again, even when src
 // itself did not change. replaced reports the same for src.
-func (d *Dir) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, preserve, parentReplaced bool) (replaced bool, err error) {
+func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent *virt.Image, preserve, parentReplaced bool) (replaced bool, f File, err error) {
 	dst := d.Destination(src.Path)
+	name := filepath.Base(dst)
 	if !preserve {
 		d.P.Verb("Copy backing file '%s' to '%s'", src.Path, dst)
 	}
-	fail := func(format string, a ...any) (bool, error) {
+	fail := func(format string, a ...any) (bool, File, error) {
 		d.P.Err(format, a...)
-		return false, ErrFailed
+		return false, File{}, ErrFailed
+	}
+	done := func(replaced bool, sum string) (bool, File, error) {
+		f, err := d.describe(name, src, sum)
+		if err != nil {
+			return fail("Unable to read the copy '%s': %v", dst, err)
+		}
+		return replaced, f, nil
 	}
 	if err := d.claim(dst, src.Path); err != nil {
 		return fail("%v", err)
@@ -82,7 +118,10 @@ func (d *Dir) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, p
 	}
 	if !need {
 		d.narrowMode(dst, dstInfo, sst)
-		return false, d.fixBacking(ctx, dst, backing, parent, preserve)
+		if err := d.fixBacking(ctx, dst, backing, parent, preserve); err != nil {
+			return false, File{}, err
+		}
+		return done(false, "")
 	}
 	start := time.Now()
 	st, err := copyfile.Copy(ctx, src.Path, dst, copyfile.Options{
@@ -90,7 +129,7 @@ func (d *Dir) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, p
 		Limit:    d.Limit,
 		Prepare: func(tmp string) error {
 			if parent != nil {
-				if err := d.Tool.Rebase(ctx, tmp, backing, parent.Format); err != nil {
+				if err := d.setBacking(ctx, tmp, backing, parent.Format); err != nil {
 					return err
 				}
 			}
@@ -113,7 +152,7 @@ func (d *Dir) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, p
 				return nil
 			}
 			replaced = true
-			return d.keepGeneration(ctx, dst, src, dstInfo)
+			return d.keepGeneration(ctx, domain, dst, src, dstInfo)
 		},
 	})
 	if err != nil {
@@ -123,7 +162,11 @@ func (d *Dir) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, p
 		return fail("Unable to copy '%s' to '%s': %v", src.Path, dst, err)
 	}
 	d.P.Debug("Copied %d bytes of '%s' in %.3fs", st.Bytes, src.Path, time.Since(start).Seconds())
-	return replaced, nil
+	sum, err := hashFile(dst)
+	if err != nil {
+		return fail("Unable to read the copy '%s': %v", dst, err)
+	}
+	return done(replaced, sum)
 }
 
 // narrowMode keeps an up-to-date copy from staying more readable than its
@@ -158,7 +201,7 @@ func (d *Dir) fixBacking(ctx context.Context, dst, backing string, parent *virt.
 		d.P.Warn("Cannot read the backing reference of '%s': %v", dst, err)
 		return nil
 	}
-	if err := d.Tool.Rebase(ctx, dst, backing, parent.Format); err != nil {
+	if err := d.setBacking(ctx, dst, backing, parent.Format); err != nil {
 		d.P.Err("Unable to point '%s' at '%s': %v", dst, backing, err)
 		return ErrFailed
 	}
@@ -181,3 +224,10 @@ func atime(st os.FileInfo) time.Time {
 	}
 	return st.ModTime()
 }
+
+// setBacking rewrites a copy's backing reference (qemu-img rebase -u).
+func (d *Dir) setBacking(ctx context.Context, path, backing, format string) error {
+	return d.Tool.Rebase(ctx, path, backing, format)
+}
+
+func backingOf(path string) (string, error) { return qcow2.BackingFile(path) }

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
 
 	"golang.org/x/sys/unix"
 
@@ -145,6 +146,9 @@ func (a *app) run(ctx context.Context, args []string) error {
 	if o.AllRunning {
 		a.p.Debug("all_running_domains = '1' so all running domains will be backed up")
 	}
+	if err := a.checkCommand(o); err != nil {
+		return err
+	}
 	var hyp virt.Hypervisor
 	var connErr error
 	connect := func() {
@@ -185,6 +189,9 @@ func (a *app) run(ctx context.Context, args []string) error {
 			names = append(names, arg)
 		}
 	}
+	if o.Command != "" {
+		return a.command(ctx, o, names, hyp, qemuImg)
+	}
 	if len(names) == 0 && !o.AllRunning {
 		a.usage("<domain name> is missing!")
 		return errNoDomain
@@ -195,6 +202,7 @@ func (a *app) run(ctx context.Context, args []string) error {
 	}
 	r := backup.New(a.config(o, names), backup.Env{
 		P: a.p, Hyp: hyp, Prog: a.Prog, Now: a.Now, LockDir: a.LockDir, QemuImg: qemuImg, PollEvery: a.PollEvery,
+		Tool: "fi-backup " + Version,
 	})
 	// A guest a killed -s run left paused is resumed before the domains
 	// are listed, so that -r and all find it running again.
@@ -213,6 +221,84 @@ func (a *app) run(ctx context.Context, args []string) error {
 		}
 	}
 	return failed
+}
+
+// checkCommand refuses options that make no sense with --list, --verify
+// or --restore (or those commands' own options without them).
+func (a *app) checkCommand(o *Options) error {
+	if o.Command == "" {
+		switch {
+		case o.TargetDir != "":
+			return a.usageErr("--target_dir only works with --restore")
+		case o.Format != "":
+			return a.usageErr("--format only works with --list")
+		}
+		return nil
+	}
+	c := "--" + o.Command
+	switch {
+	case o.BackupDir == "":
+		return a.usageErr(c + " requires -b <directory>")
+	case o.Consolidate:
+		return a.usageErr(c + " and consolidation (-c | -C) are not compatible")
+	case o.DumpDir != "":
+		return a.usageErr(c + " and dump state (-s) are not compatible")
+	case o.Quiesce:
+		return a.usageErr(c + " and quiesce (-q) are not compatible")
+	case o.MethodSet:
+		return a.usageErr(c + " and -m are not compatible")
+	case o.AllRunning:
+		return a.usageErr(c + " and all_running (-r) are not compatible")
+	case o.Format != "" && o.Command != "list":
+		return a.usageErr("--format only works with --list")
+	case o.TargetDir != "" && o.Command != "restore":
+		return a.usageErr("--target_dir only works with --restore")
+	case o.Command == "restore" && o.TargetDir == "":
+		return a.usageErr("--restore requires --target_dir <directory>")
+	}
+	return nil
+}
+
+// command runs --list, --verify or --restore.
+func (a *app) command(ctx context.Context, o *Options, args []string, hyp virt.Hypervisor, qemuImg string) error {
+	var names []string
+	for _, arg := range args {
+		if arg == "all" {
+			continue // every domain of the directory, as with no name
+		}
+		if strings.ContainsFunc(arg, unicode.IsSpace) && domainExists(hyp, arg) {
+			names = append(names, arg)
+			continue
+		}
+		names = append(names, strings.Fields(arg)...)
+	}
+	r := backup.New(a.config(o, nil), backup.Env{
+		P: a.p, Hyp: hyp, Prog: a.Prog, Now: a.Now, LockDir: a.LockDir, QemuImg: qemuImg, Tool: "fi-backup " + Version,
+	})
+	var err error
+	switch o.Command {
+	case "list":
+		format := backup.ListText
+		if o.Format == "json" {
+			format = backup.ListJSON
+		}
+		err = r.List(ctx, names, format)
+	case "verify":
+		err = r.Verify(ctx, names)
+	case "restore":
+		switch {
+		case len(names) == 0:
+			a.usage("<domain name> is missing!")
+			return errNoDomain
+		case len(names) > 1:
+			return a.usageErr("--restore takes exactly one domain")
+		}
+		err = r.Restore(ctx, names[0], o.RestoreAt, o.TargetDir)
+	}
+	if err != nil {
+		return backup.ErrFailed
+	}
+	return nil
 }
 
 // config is the run's settings: the options, the domain arguments and the

@@ -106,6 +106,11 @@ var wantUsage = `   fi-backup version ` + Version + ` - Go reimplementation of f
       --all_running --dump_state_dir --debug --help --verbose --version
       --job_timeout <duration>   Consolidation job timeout (default 30m)
       --rate_limit <rate>        Copy and consolidate at most <rate> bytes/s (K, M, G suffixes)
+      --list                     List the restore points in the backup directory (-b)
+      --verify                   Verify the restore points in the backup directory (-b)
+      --restore <moment>         Restore the point YYYYMMDD-HHMMSS (or latest) of one domain
+      --target_dir <directory>   Where --restore writes the restored domain
+      --format <format>          --list output: text (default) or json
 
    Version Requirements:
       qemu_img >= 1.2.0
@@ -157,6 +162,20 @@ func TestExitCodeTable(t *testing.T) {
 		{name: "getopt missing argument", args: []string{"dom", "-b"}, code: 1, stdout: "-", stderr: "fi-backup: option requires an argument -- 'b'\nFailed parsing options.\n"},
 		{name: "getopt reports all errors", args: []string{"-x", "--foo"}, code: 1, stdout: "-", stderr: "fi-backup: invalid option -- 'x'\nfi-backup: unrecognized option '--foo'\nFailed parsing options.\n"},
 		{name: "experimental line always shown", args: []string{"dom"}, code: 0, stdout: "[INF] libVirt version '9.0.0' support is experimental\n"},
+		{name: "list needs -b", args: []string{"--list"}, code: 1, stdout: usageWith("--list requires -b <directory>")},
+		{name: "list and -s", args: []string{"--list", "-b", dir, "-s", dir}, code: 1, stdout: usageWith("--list and dump state (-s) are not compatible")},
+		{name: "verify and -c", args: []string{"--verify", "-b", dir, "-c"}, code: 1, stdout: usageWith("--verify and consolidation (-c | -C) are not compatible")},
+		{name: "restore and -r", args: []string{"--restore=latest", "--target_dir", dir, "-b", dir, "-r"}, code: 1, stdout: usageWith("--restore and all_running (-r) are not compatible")},
+		{name: "restore and -q", args: []string{"--restore=latest", "--target_dir", dir, "-b", dir, "-q", "dom"}, code: 1, stdout: usageWith("--restore and quiesce (-q) are not compatible")},
+		{name: "restore needs a target", args: []string{"--restore=latest", "-b", dir, "dom"}, code: 1, stdout: usageWith("--restore requires --target_dir <directory>")},
+		{name: "restore moment", args: []string{"--restore=yesterday", "--target_dir", dir, "-b", dir, "dom"}, code: 1, stdout: usageWith("--restore requires a moment YYYYMMDD-HHMMSS or 'latest'")},
+		{name: "restore no domain", args: []string{"--restore=latest", "--target_dir", dir, "-b", dir}, code: 2, contains: []string{"[ERR] <domain name> is missing!"}},
+		{name: "restore two domains", args: []string{"--restore=latest", "--target_dir", dir, "-b", dir, "a b"}, code: 1, contains: []string{"[ERR] --restore takes exactly one domain"}},
+		{name: "two commands", args: []string{"--list", "--verify", "-b", dir}, code: 1, stdout: usageWith("--list, --verify and --restore are not compatible with each other")},
+		{name: "format without list", args: []string{"--format=json", "dom"}, code: 1, stdout: usageWith("--format only works with --list")},
+		{name: "format value", args: []string{"--list", "--format=xml", "-b", dir}, code: 1, stdout: usageWith("--format requires 'text' or 'json'")},
+		{name: "target_dir without restore", args: []string{"--target_dir", dir, "dom"}, code: 1, stdout: usageWith("--target_dir only works with --restore")},
+		{name: "list of an empty directory", args: []string{"--list", "-b", dir}, code: 0, stdout: "[INF] libVirt version '9.0.0' support is experimental\nDOMAIN  MOMENT  METHOD  DISKS  OWN  FLAGS  MANIFEST  FILES\n"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -31,6 +31,10 @@ type Options struct {
 	Verbose     bool
 	JobTimeout  time.Duration
 	RateLimit   int64    // bytes/s, 0: unlimited
+	Command     string   // "list", "verify", "restore"; "" for a backup
+	RestoreAt   string   // --restore's moment (or "latest")
+	TargetDir   string   // --target_dir
+	Format      string   // --format
 	Args        []string // positional arguments as given
 
 	consolidationSeen bool
@@ -117,6 +121,43 @@ func options() []option {
 			o.RateLimit = n
 			return nil
 		}},
+		{long: "list", help: "List the restore points in the backup directory (-b)", set: setCommand("list")},
+		{long: "verify", help: "Verify the restore points in the backup directory (-b)", set: setCommand("verify")},
+		{long: "restore", arg: "<moment>", help: "Restore the point YYYYMMDD-HHMMSS (or latest) of one domain", set: func(a *app, o *Options, v string) error {
+			if err := setCommand("restore")(a, o, v); err != nil {
+				return err
+			}
+			if _, err := time.Parse(momentLayout, v); err != nil && v != "latest" {
+				return a.usageErr("--restore requires a moment YYYYMMDD-HHMMSS or 'latest'")
+			}
+			o.RestoreAt = v
+			return nil
+		}},
+		{long: "target_dir", arg: "<directory>", help: "Where --restore writes the restored domain", set: func(_ *app, o *Options, v string) error {
+			o.TargetDir = v
+			return nil
+		}},
+		{long: "format", arg: "<format>", help: "--list output: text (default) or json", set: func(a *app, o *Options, v string) error {
+			if v != "text" && v != "json" {
+				return a.usageErr("--format requires 'text' or 'json'")
+			}
+			o.Format = v
+			return nil
+		}},
+	}
+}
+
+// momentLayout is how a restore point's moment is written.
+const momentLayout = "20060102-150405"
+
+// setCommand selects one of the restore-point commands.
+func setCommand(cmd string) func(*app, *Options, string) error {
+	return func(a *app, o *Options, _ string) error {
+		if o.Command != "" && o.Command != cmd {
+			return a.usageErr("--list, --verify and --restore are not compatible with each other")
+		}
+		o.Command = cmd
+		return nil
 	}
 }
 

@@ -227,6 +227,11 @@ type Domain interface {
 	State() (State, error)
 	// Disks parses the domain's current XML (live for a running domain).
 	Disks() ([]Disk, error)
+	// Definition is the domain's persistent definition (the live one for a
+	// transient domain), secrets included: what a restore must recreate.
+	Definition() (string, error)
+	// UUID is the domain's UUID.
+	UUID() (string, error)
 	// Snapshot takes an external, disk-only, atomic, metadata-less snapshot;
 	// libvirt names the overlays.
 	Snapshot(spec SnapshotSpec) error

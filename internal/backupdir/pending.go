@@ -1,0 +1,165 @@
+package backupdir
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// A backup file that is renamed, rebased or merged after its restore point
+// was recorded (a generation today, a retention merge next) changes what the
+// manifests naming it must say. The change and the manifests' rewrite are
+// one step that survives a crash: its redo record is written first, in the
+// domain's record directory, then the files are changed, then every
+// manifest naming them is rewritten, then the record is removed. Whoever
+// finds a record (the next run that touches the domain's files, --verify,
+// --restore) redoes it to the end; every part of it can be done twice.
+
+// Pending is the redo record of a change to a domain's backup files.
+type Pending struct {
+	// Links are hard links to make: [existing name, new name] (a
+	// generation: the same inode under a second name).
+	Links [][2]string `json:"links,omitempty"`
+	// Rebases are backing references to set: file → the name it must
+	// reference (with its format).
+	Rebases []Rebase `json:"rebases,omitempty"`
+	// Renames replace one name by another in every manifest.
+	Renames map[string]string `json:"renames,omitempty"`
+	// Rehash are files whose bytes changed: their size and checksum are
+	// read again.
+	Rehash []string `json:"rehash,omitempty"`
+}
+
+// Rebase is one backing reference to set.
+type Rebase struct {
+	File    string `json:"file"`
+	Backing string `json:"backing"`
+	Format  string `json:"format"`
+}
+
+func (d *Dir) pendingPath(domain string) string {
+	return filepath.Join(d.Path, MetaDir, domain, ".pending.json")
+}
+
+// apply records p for domain and carries it out.
+func (d *Dir) apply(ctx context.Context, domain string, p Pending) error {
+	if err := os.MkdirAll(filepath.Join(d.Path, MetaDir, domain), 0o700); err != nil {
+		return err
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	if err := writeAtomic(d.pendingPath(domain), b); err != nil {
+		return err
+	}
+	return d.redo(ctx, domain, p)
+}
+
+// FinishPending carries out to the end a change an interrupted run left
+// recorded for the domain. The caller holds the domain's lock.
+func (d *Dir) FinishPending(domain string) error {
+	b, err := os.ReadFile(d.pendingPath(domain))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var p Pending
+	if err := json.Unmarshal(b, &p); err != nil {
+		return fmt.Errorf("unreadable redo record %s: %w", d.pendingPath(domain), err)
+	}
+	d.P.Warn("Finishing the change of the backup files of '%s' an interrupted run left (%s)", domain, d.pendingPath(domain))
+	return d.redo(context.Background(), domain, p)
+}
+
+func (d *Dir) redo(ctx context.Context, domain string, p Pending) error {
+	for _, l := range p.Links {
+		from, to := filepath.Join(d.Path, l[0]), filepath.Join(d.Path, l[1])
+		if _, err := os.Lstat(to); err == nil {
+			continue
+		}
+		if err := os.Link(from, to); err != nil {
+			return err
+		}
+	}
+	for _, rb := range p.Rebases {
+		path := filepath.Join(d.Path, rb.File)
+		if cur, err := backingOf(path); err == nil && cur == rb.Backing {
+			continue
+		}
+		st, err := os.Stat(path)
+		if err != nil {
+			return err
+		}
+		if err := d.setBacking(ctx, path, rb.Backing, rb.Format); err != nil {
+			return err
+		}
+		d.keepTimes(path, st) // cp -u decisions must not change
+	}
+	if err := d.rewriteManifests(domain, p.Renames, p.Rehash); err != nil {
+		return err
+	}
+	if err := os.Remove(d.pendingPath(domain)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// rewriteManifests applies renames and fresh checksums of the rehash files
+// to every manifest of the domain that names them.
+func (d *Dir) rewriteManifests(domain string, renames map[string]string, rehash []string) error {
+	fresh := map[string]File{}
+	for _, name := range rehash {
+		p := filepath.Join(d.Path, name)
+		st, err := os.Stat(p)
+		if err != nil {
+			return err
+		}
+		sum, err := hashFile(p)
+		if err != nil {
+			return err
+		}
+		fresh[name] = File{Size: st.Size(), SHA256: sum}
+	}
+	update := func(f *File) bool {
+		changed := false
+		if to, ok := renames[f.Name]; ok {
+			f.Name, changed = to, true
+		}
+		if nf, ok := fresh[f.Name]; ok && (nf.SHA256 != f.SHA256 || nf.Size != f.Size) {
+			f.Size, f.SHA256, changed = nf.Size, nf.SHA256, true
+		}
+		return changed
+	}
+	for _, m := range d.Manifests(domain, nil) {
+		changed := false
+		for i := range m.Disks {
+			for j := range m.Disks[i].Chain {
+				if update(&m.Disks[i].Chain[j]) {
+					changed = true
+				}
+			}
+		}
+		if m.NVRAM != nil && update(m.NVRAM) {
+			changed = true
+		}
+		if changed {
+			if err := d.WriteManifest(m); err != nil {
+				return err
+			}
+		}
+	}
+	d.forgetHashes()
+	return nil
+}
+
+func (d *Dir) forgetHashes() {
+	d.hashMu.Lock()
+	d.hashes = nil
+	d.hashMu.Unlock()
+}
