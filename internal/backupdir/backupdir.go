@@ -52,6 +52,8 @@ type Dir struct {
 	res       time.Duration
 	hashMu    sync.Mutex
 	hashes    map[string]File // checksums the manifests record, by file name
+
+	crash func(step string) error // tests: see step
 }
 
 // Exists reports whether the directory (still) exists.

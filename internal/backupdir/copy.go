@@ -3,6 +3,7 @@ package backupdir
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -26,22 +27,33 @@ func (d *Dir) CopyChain(ctx context.Context, domain string, imgs []virt.Image, p
 		d.P.Err("Cannot bring the manifests of '%s' up to date: %v", d.Path, err)
 		return nil, ErrFailed
 	}
-	files := make([]File, len(imgs))
+	merged := d.mergedSources(domain)
+	var files []File // base first
+	var below *File
 	parentReplaced := false
 	for i := len(imgs) - 1; i >= 0; i-- {
 		if err := ctx.Err(); err != nil {
 			d.P.Err("Copy of '%s' interrupted", imgs[i].Path)
 			return nil, err
 		}
+		if rec, ok := merged[imgs[i].Path]; ok && below != nil && !parentReplaced && rec.Into == below.Name && rec.current() {
+			d.P.Debug("'%s' was merged into '%s' by --keep and has not changed: not copied again", imgs[i].Path, rec.Into)
+			continue
+		}
 		var parent *virt.Image
 		if i+1 < len(imgs) {
 			parent = &imgs[i+1]
 		}
-		var err error
-		parentReplaced, files[i], err = d.copyOne(ctx, domain, imgs[i], parent, preserve, parentReplaced)
+		f, replaced, err := d.copyOne(ctx, domain, imgs[i], parent, below, preserve, parentReplaced)
 		if err != nil {
 			return nil, ErrFailed
 		}
+		files = append(files, f)
+		below, parentReplaced = &files[len(files)-1], replaced
+	}
+	d.forgetStaleMerged(domain)
+	for i, j := 0, len(files)-1; i < j; i, j = i+1, j-1 {
+		files[i], files[j] = files[j], files[i]
 	}
 	return files, nil
 }
@@ -68,27 +80,30 @@ func (d *Dir) describe(name string, src virt.Image, sum string) (File, error) {
 	return File{Name: name, Source: src.Path, Size: st.Size(), VirtualSize: vsize, Format: format, SHA256: sum}, nil
 }
 
-// copyOne copies one chain file. parentReplaced says the parent's copy got
+// copyOne copies one chain file: parent is its backing file on the host,
+// below the copy its copy must reference (the parent's, or the file the
+// parent was merged into by --keep). parentReplaced says the copy below got
 // new content in this run (its old content kept as a generation): then the
 // existing copy of src, whose data only means something on top of the old
-// parent, is kept as a generation too and src is copied again, even when src
-// itself did not change. replaced reports the same for src.
-func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent *virt.Image, preserve, parentReplaced bool) (replaced bool, f File, err error) {
+// one, is kept as a generation too and src is copied again, even when src
+// itself did not change. So is a copy that references another file than
+// below. replaced reports the same for src.
+func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent *virt.Image, below *File, preserve, parentReplaced bool) (f File, replaced bool, err error) {
 	dst := d.Destination(src.Path)
 	name := filepath.Base(dst)
 	if !preserve {
 		d.P.Verb("Copy backing file '%s' to '%s'", src.Path, dst)
 	}
-	fail := func(format string, a ...any) (bool, File, error) {
+	fail := func(format string, a ...any) (File, bool, error) {
 		d.P.Err(format, a...)
-		return false, File{}, ErrFailed
+		return File{}, false, ErrFailed
 	}
-	done := func(replaced bool, sum string) (bool, File, error) {
+	done := func(replaced bool, sum string) (File, bool, error) {
 		f, err := d.describe(name, src, sum)
 		if err != nil {
 			return fail("Unable to read the copy '%s': %v", dst, err)
 		}
-		return replaced, f, nil
+		return f, replaced, nil
 	}
 	if err := d.claim(dst, src.Path); err != nil {
 		return fail("%v", err)
@@ -111,15 +126,20 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 	if !need && parentReplaced {
 		need, reason = true, "its parent's copy was replaced"
 	}
-	d.P.Debug("'%s': %s", dst, reason)
-	backing := ""
-	if parent != nil {
-		backing = filepath.Base(parent.Path)
+	backing, backingFormat := "", ""
+	if below != nil {
+		backing, backingFormat = below.Name, below.Format
 	}
+	if !need && parent != nil {
+		if cur, err := qcow2.BackingFile(dst); err == nil && cur != backing && cur != parent.Path {
+			need, reason = true, fmt.Sprintf("its copy references '%s', not '%s'", cur, backing)
+		}
+	}
+	d.P.Debug("'%s': %s", dst, reason)
 	if !need {
 		d.narrowMode(dst, dstInfo, sst)
-		if err := d.fixBacking(ctx, dst, backing, parent, preserve); err != nil {
-			return false, File{}, err
+		if err := d.fixBacking(ctx, dst, backing, backingFormat, parent, preserve); err != nil {
+			return File{}, false, err
 		}
 		return done(false, "")
 	}
@@ -128,8 +148,8 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 		Preserve: preserve,
 		Limit:    d.Limit,
 		Prepare: func(tmp string) error {
-			if parent != nil {
-				if err := d.setBacking(ctx, tmp, backing, parent.Format); err != nil {
+			if below != nil {
+				if err := d.setBacking(ctx, tmp, backing, backingFormat); err != nil {
 					return err
 				}
 			}
@@ -184,7 +204,7 @@ func (d *Dir) narrowMode(dst string, dstInfo, src os.FileInfo) {
 // records its parent's absolute host path, reference its parent copy by
 // relative name. Relative references (this tool's, including the ones to
 // kept generations) are never touched.
-func (d *Dir) fixBacking(ctx context.Context, dst, backing string, parent *virt.Image, preserve bool) error {
+func (d *Dir) fixBacking(ctx context.Context, dst, backing, format string, parent *virt.Image, preserve bool) error {
 	if parent == nil {
 		return nil
 	}
@@ -201,7 +221,7 @@ func (d *Dir) fixBacking(ctx context.Context, dst, backing string, parent *virt.
 		d.P.Warn("Cannot read the backing reference of '%s': %v", dst, err)
 		return nil
 	}
-	if err := d.setBacking(ctx, dst, backing, parent.Format); err != nil {
+	if err := d.setBacking(ctx, dst, backing, format); err != nil {
 		d.P.Err("Unable to point '%s' at '%s': %v", dst, backing, err)
 		return ErrFailed
 	}

@@ -91,7 +91,7 @@ func (d *Dir) Points(domains []string, owner Owner, bad func(path string, err er
 		return false
 	}
 	var pts []Point
-	covered := map[string]bool{}
+	covered := d.retired()
 	for _, dom := range d.ManifestDomains() {
 		for _, m := range d.Manifests(dom, bad) {
 			for _, disk := range m.Disks {

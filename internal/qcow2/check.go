@@ -67,3 +67,20 @@ func formatOr(f string) string {
 	}
 	return f
 }
+
+// Commit writes the data of every layer of chain (top first) except the
+// last into the last one, the base (`qemu-img commit -d`), at most rate
+// bytes/s when rate > 0. The chain is named explicitly, so only the given
+// files are read and written whatever their headers reference; the layers
+// above the base are left as they were.
+func (t Tool) Commit(ctx context.Context, chain []Image, rate int64) error {
+	if len(chain) < 2 {
+		return nil
+	}
+	args := []string{"commit", "-q", "-d", "-b", chain[len(chain)-1].Path}
+	if rate > 0 {
+		args = append(args, "-r", strconv.FormatInt(rate, 10))
+	}
+	_, err := t.run(ctx, append(args, ImageOpts(formatOr(chain[0].Format), chain[0].Path, chain[1:]))...)
+	return err
+}
