@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -71,9 +72,18 @@ func assertHolds(t *testing.T, dir, top string, k int) {
 	for i := 0; i < k; i++ {
 		want[layers[i].off] = layers[i].pattern
 	}
+	args := []string{"-r", "-f", "qcow2"}
 	for off, pattern := range want {
+		args = append(args, "-c", fmt.Sprintf("read -P 0x%02x %s 1M", pattern, off))
+	}
+	out, err := exec.Command("qemu-io", append(args, filepath.Join(dir, top))...).CombinedOutput()
+	if err == nil && !bytes.Contains(out, []byte("Pattern verification failed")) {
+		return
+	}
+	for off, pattern := range want { // name the offsets that differ
 		assert.True(t, readsBack(t, filepath.Join(dir, top), pattern, off), "%s (point of moment %d) at %s: want 0x%02x", top, k, off, pattern)
 	}
+	t.Errorf("%s does not read back moment %d: %s", top, k, out)
 }
 
 // assertPoints checks the listed moments, that each point reads back its
@@ -125,6 +135,7 @@ func sixPoints(t *testing.T) (*Dir, []virt.Image, *bytes.Buffer) {
 // newest, each reading back its own moment; the layers below the oldest
 // kept one are merged into the base, whose mtime (cp -u's reference) stays.
 func TestPruneKeepsTheNewestExact(t *testing.T) {
+	t.Parallel()
 	d, _, _ := sixPoints(t)
 	base := filepath.Join(d.Path, "vm.qcow2")
 	st0, err := os.Stat(base)
@@ -166,6 +177,7 @@ func TestPruneKeepsTheNewestExact(t *testing.T) {
 // chain skips them, and the point after it reads back right; a host file
 // that changed after all is copied again and every point stays exact.
 func TestPruneThenBackupCopiesOnlyTheNew(t *testing.T) {
+	t.Parallel()
 	d, imgs, _ := sixPoints(t)
 	_, err := d.Prune(context.Background(), "dom", 3, nil)
 	require.NoError(t, err)
@@ -195,6 +207,7 @@ func TestPruneThenBackupCopiesOnlyTheNew(t *testing.T) {
 // the previous base copy becomes a generation, and pruning merges into
 // that generation, leaving the new base alone.
 func TestPruneAcrossGenerations(t *testing.T) {
+	t.Parallel()
 	d, imgs, _ := sixPoints(t)
 	_, err := d.Prune(context.Background(), "dom", 3, nil)
 	require.NoError(t, err)
@@ -230,6 +243,7 @@ func TestPruneAcrossGenerations(t *testing.T) {
 // already reads back exact, and the next run finishes the prune to the
 // same result.
 func TestPruneSurvivesAKillAtEveryStep(t *testing.T) {
+	t.Parallel()
 	ref, _, _ := sixPoints(t)
 	crashes := 0
 	for n := 1; ; n++ {
@@ -295,6 +309,7 @@ func failingCommit(t *testing.T, d *Dir) {
 // exact and their layers in place, gives up the points it was asked to,
 // and says so; nothing is left to redo.
 func TestPruneWhoseMergeFails(t *testing.T) {
+	t.Parallel()
 	d, _, out := sixPoints(t)
 	failingCommit(t, d)
 	_, err := d.Prune(context.Background(), "dom", 3, nil)
@@ -310,6 +325,7 @@ func TestPruneWhoseMergeFails(t *testing.T) {
 // admin's cp -al snapshot of the directory) is copied before the merge
 // changes it: the other name keeps its bytes.
 func TestPruneLeavesOtherHardLinksAlone(t *testing.T) {
+	t.Parallel()
 	d, _, _ := sixPoints(t)
 	other := filepath.Join(t.TempDir(), "snapshot-of-base")
 	if err := os.Link(filepath.Join(d.Path, "vm.qcow2"), other); err != nil {
@@ -328,6 +344,7 @@ func TestPruneLeavesOtherHardLinksAlone(t *testing.T) {
 // disk would change what the other reads, so none is done; the points are
 // given up all the same and the kept ones read back.
 func TestPruneSharedTemplate(t *testing.T) {
+	t.Parallel()
 	d, _ := newDir(t)
 	host := t.TempDir()
 	tpl := image(t, filepath.Join(host, "tpl.qcow2"), "", 0x10, "0")
@@ -370,6 +387,7 @@ func TestPruneSharedTemplate(t *testing.T) {
 // host paths in the headers) is pruned the same way; the base it keeps is
 // not listed as a restore point of its own afterwards.
 func TestPruneOldToolDirectory(t *testing.T) {
+	t.Parallel()
 	d, _ := newDir(t)
 	imgs := hostChain(t, 4)
 	for _, src := range imgs {
