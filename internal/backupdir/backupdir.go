@@ -53,7 +53,10 @@ type Dir struct {
 	hashMu    sync.Mutex
 	hashes    map[string]File // checksums the manifests record, by file name
 
-	crash func(step string) error // tests: see step
+	// StepHook, when set, is called after each step of a change of the
+	// directory (a retention merge, a generation) with the step's name; an
+	// error stops the change there as a kill would. Tests only.
+	StepHook func(step string) error
 }
 
 // Exists reports whether the directory (still) exists.

@@ -186,7 +186,9 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 	if err != nil {
 		return fail("Unable to read the copy '%s': %v", dst, err)
 	}
-	return done(replaced, sum)
+	f, replaced, err = done(replaced, sum)
+	f.Copied = err == nil
+	return f, replaced, err
 }
 
 // narrowMode keeps an up-to-date copy from staying more readable than its

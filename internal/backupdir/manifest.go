@@ -73,6 +73,11 @@ type File struct {
 	VirtualSize int64  `json:"virtual_size,omitempty"`
 	Format      string `json:"format,omitempty"`
 	SHA256      string `json:"sha256"`
+	// Copied says this run copied the file (it was not up to date): a
+	// file a run copied is part of that run's point, never a restore point
+	// of its own, even when it is not the top of the chain (an offline
+	// copy). Files of the old tool a run found up to date are not marked.
+	Copied bool `json:"copied,omitempty"`
 }
 
 // When parses the manifest's moment.

@@ -48,11 +48,13 @@ type Pending struct {
 	Retired []string `json:"retired,omitempty"`
 }
 
-// Merge commits the layers of Chain (top first, names in DIR) except the
-// last into the last one, the base, whose times are then put back (the
-// next run's cp -u decision compares them with its host source).
+// Merge commits the layers Chain[:Base] (top first, names in DIR) into
+// Chain[Base], whose times are then put back (the next run's cp -u
+// decision compares them with its host source). Chain goes down to the
+// bottom, so that the chain below the base is opened as it is.
 type Merge struct {
 	Chain   []string `json:"chain"`
+	Base    int      `json:"base"`
 	Formats []string `json:"formats"`
 	MTime   int64    `json:"mtime"` // the base's, in ns
 	ATime   int64    `json:"atime"`
@@ -258,8 +260,8 @@ func (d *Dir) forgetHashes() {
 
 // step lets a test stop a change after each of its steps, as a kill would.
 func (d *Dir) step(name string) error {
-	if d.crash == nil {
+	if d.StepHook == nil {
 		return nil
 	}
-	return d.crash(name)
+	return d.StepHook(name)
 }

@@ -98,6 +98,11 @@ func (d *Dir) Points(domains []string, owner Owner, bad func(path string, err er
 				if len(disk.Chain) > 0 {
 					covered[disk.Chain[0].Name] = true
 				}
+				for _, f := range disk.Chain {
+					if f.Copied {
+						covered[f.Name] = true
+					}
+				}
 			}
 			if !want(dom) {
 				continue

@@ -193,3 +193,31 @@ func copyDir(t *testing.T, src, dst string) {
 		return nil
 	}))
 }
+
+// TestWholeChainCopiedIsOnePoint: a run that copies a whole chain (an
+// offline copy, a first run on a disk with overlays) makes one restore
+// point: the files below its top are not listed as points of the old
+// tool; the old tool's copies that a run found up to date still are.
+func TestWholeChainCopiedIsOnePoint(t *testing.T) {
+	d, _ := newDir(t)
+	host := t.TempDir()
+	base := image(t, filepath.Join(host, "vm.qcow2"), "", 0x11, "0")
+	o1 := image(t, filepath.Join(host, "vm.bimg-20240101-000001"), base.Path, 0x22, "1M")
+	o2 := image(t, filepath.Join(host, "vm.bimg-20240101-000002"), o1.Path, 0x33, "2M")
+	owner := func(string, string) Origin { return Origin{Domain: "dom", Target: "vda"} }
+
+	files := mustCopy(t, d, []virt.Image{o2, o1, base}, true)
+	require.NoError(t, d.WriteManifest(&Manifest{Schema: 1, Domain: "dom", Moment: "20240101-000003", Method: MethodOffline,
+		Disks: []Disk{{Target: "vda", Device: "disk", BackedUp: true, Name: "vm.qcow2", Chain: files}}}))
+	pts := d.Points(nil, owner, nil)
+	require.Len(t, pts, 1)
+	assert.NotNil(t, pts[0].Manifest)
+
+	d2, _ := newDir(t)
+	copyFile(t, base.Path, filepath.Join(d2.Path, "vm.qcow2")) // the old tool's copy
+	files = mustCopy(t, d2, []virt.Image{o1, base}, false)
+	assert.False(t, files[1].Copied, "up to date")
+	require.NoError(t, d2.WriteManifest(&Manifest{Schema: 1, Domain: "dom", Moment: "20240101-000002", Method: MethodSnapshot,
+		Disks: []Disk{{Target: "vda", Device: "disk", BackedUp: true, Name: "vm.qcow2", Chain: files}}}))
+	assert.Len(t, d2.Points(nil, owner, nil), 2, "the old tool's point stays listed")
+}

@@ -8,11 +8,13 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/fi-backup/fi-backup/internal/copyfile"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
+	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"golang.org/x/time/rate"
 )
 
@@ -23,11 +25,13 @@ import (
 //	keep 3:  B' ◄── O3 ◄── O4 ◄── O5                  points T4, T5, T6
 //	         B' = B with O1 and O2 committed into it, under B's name and mtime
 //
-// The layers below the oldest kept point's top are committed into the base
-// of its chain (a commit into a lower file never changes what a chain read
-// through the layers above it shows); the kept chains are rebased onto the
-// base; what no kept point needs goes, with the metadata and state files of
-// the points given up. One redo record covers it all (see Pending), so a
+// The layers below the oldest kept point's top are committed into the copy
+// of the disk's own image below them (the first file that is not a copy of
+// an overlay, as a consolidation chooses its base: never a template below
+// it). A commit into a lower file never changes what a chain read through
+// the layers above it shows. The kept chains are rebased onto that copy;
+// what no kept point needs goes, with the metadata and state files of the
+// points given up. One redo record covers it all (see Pending), so a
 // kill at any moment leaves every kept point exact and the next run
 // finishes the merge.
 
@@ -42,7 +46,7 @@ type MergedSource struct {
 }
 
 // retention is what a domain's retention left to remember, in
-// DIR/.fi-backup/<domain>/retention.json.
+// DIR/.fi-backup/<domain>/.retention.json (hidden: not a manifest).
 type retention struct {
 	// Merged are host files not to copy again (see MergedSource).
 	Merged []MergedSource `json:"merged,omitempty"`
@@ -103,37 +107,39 @@ func (d *Dir) plan(domain string, dropped, kept []Point) (Pending, error) {
 			needed[f] = true
 		}
 	}
-	// Per base file: the chains the kept points read down to it (one per
-	// disk; two disks on one template share it).
-	chains := map[string][][]string{}
+	// The kept chains, and per merge target (see mergeTarget) the oldest
+	// kept chain above it: kept points are oldest first.
+	var chains [][]string
+	oldest := map[string][]string{}
+	at := map[string]int{}
 	formats := map[string]string{}
 	for _, pt := range kept {
 		for _, disk := range pt.Disks {
-			if len(disk.Chain) == 0 {
+			c := disk.Chain
+			if len(c) == 0 {
 				continue
 			}
-			base := disk.Chain[len(disk.Chain)-1]
-			chains[base] = append(chains[base], disk.Chain)
-			for i, f := range disk.Chain {
+			chains = append(chains, c)
+			for i, f := range c {
 				formats[f] = disk.Format[i]
+			}
+			if t := mergeTarget(c); t >= 2 && oldest[c[t]] == nil {
+				oldest[c[t]], at[c[t]] = c, t
 			}
 		}
 	}
-	bases := make([]string, 0, len(chains))
-	for b := range chains {
-		bases = append(bases, b)
+	targets := make([]string, 0, len(oldest))
+	for b := range oldest {
+		targets = append(targets, b)
 	}
-	sort.Strings(bases)
+	sort.Strings(targets)
 	sources := d.sources(domain)
 	others := d.namedByOthers(domain)
-	for _, b := range bases {
-		oldest := chains[b][0] // kept points are oldest first
-		if len(oldest) < 3 {
-			continue // nothing between its top and the base
-		}
-		middle := oldest[1 : len(oldest)-1]
-		if !allContain(chains[b], middle) {
-			continue // another chain reads the base without these layers
+	for _, b := range targets {
+		c, t := oldest[b], at[b]
+		middle := c[1:t]
+		if !allContain(containing(chains, b), middle) {
+			continue // another kept chain reads the target without these layers
 		}
 		if others[b] {
 			d.P.Warn("Not merging into '%s': a restore point of another domain needs it", b)
@@ -146,13 +152,13 @@ func (d *Dir) plan(domain string, dropped, kept []Point) (Pending, error) {
 		if err != nil {
 			return p, err
 		}
-		m := Merge{Chain: oldest[1:], MTime: st.ModTime().UnixNano(), ATime: atime(st).UnixNano()}
+		m := Merge{Chain: c[1:], Base: t - 1, MTime: st.ModTime().UnixNano(), ATime: atime(st).UnixNano()}
 		for _, f := range m.Chain {
 			m.Formats = append(m.Formats, formats[f])
 		}
 		p.Merges = append(p.Merges, m)
-		p.Rebases = append(p.Rebases, Rebase{File: oldest[0], Backing: b, Format: formats[b]})
-		p.Rehash = append(p.Rehash, b, oldest[0])
+		p.Rebases = append(p.Rebases, Rebase{File: c[0], Backing: b, Format: formats[b]})
+		p.Rehash = append(p.Rehash, b, c[0])
 		for _, f := range middle {
 			p.Unchain = append(p.Unchain, f)
 			delete(needed, f)
@@ -214,10 +220,10 @@ func (d *Dir) namedByOthers(domain string) map[string]bool {
 // and a base with other hard links is copied first.
 func (d *Dir) roomToMerge(p Pending) (need, have int64, ok bool) {
 	for _, m := range p.Merges {
-		for _, f := range m.Chain[:len(m.Chain)-1] {
+		for _, f := range m.Chain[:m.Base] {
 			need += allocated(filepath.Join(d.Path, f))
 		}
-		base := filepath.Join(d.Path, m.Chain[len(m.Chain)-1])
+		base := filepath.Join(d.Path, m.Chain[m.Base])
 		if st, err := os.Stat(base); err == nil {
 			if s, ok := st.Sys().(*syscall.Stat_t); ok && s.Nlink > 1 {
 				need += allocated(base)
@@ -258,6 +264,33 @@ func human(n int64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// mergeTarget is the index of the file a chain's increments are merged
+// into, as a consolidation would (blockjob.Base): the first file below the
+// top that is not a copy of a .bimg- overlay — the disk's own image, never
+// a template below it — or the bottom when all are overlays.
+func mergeTarget(chain []string) int {
+	for i := 1; i < len(chain); i++ {
+		if !snapshot.IsOverlay(strings.SplitN(chain[i], ".gen-", 2)[0]) {
+			return i
+		}
+	}
+	return len(chain) - 1
+}
+
+// containing lists the chains that hold file.
+func containing(chains [][]string, file string) [][]string {
+	var out [][]string
+	for _, c := range chains {
+		for _, f := range c {
+			if f == file {
+				out = append(out, c)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // allContain reports whether every chain holds all of files.
@@ -307,19 +340,46 @@ func (d *Dir) mergeAll(ctx context.Context, merges []Merge) error {
 // headers say), then puts the base's times back. Done twice, it writes the
 // same data again.
 func (d *Dir) merge(ctx context.Context, m Merge) error {
-	base := filepath.Join(d.Path, m.Chain[len(m.Chain)-1])
+	base := filepath.Join(d.Path, m.Chain[m.Base])
 	if err := d.private(ctx, base); err != nil {
+		return err
+	}
+	if err := d.relativeBacking(ctx, m, base); err != nil {
 		return err
 	}
 	chain := make([]qcow2.Image, len(m.Chain))
 	for i, f := range m.Chain {
-		chain[i] = qcow2.Image{Path: filepath.Join(d.Path, f), Format: m.Formats[i]}
+		chain[i] = qcow2.Image{Path: f, Format: m.Formats[i]}
 	}
-	d.P.Debug("Committing %v into '%s'", m.Chain[:len(m.Chain)-1], base)
-	if err := d.Tool.Commit(ctx, chain, d.bytesPerSecond()); err != nil {
+	d.P.Debug("Committing %v into '%s'", m.Chain[:m.Base], base)
+	if err := d.Tool.CommitIn(ctx, d.Path, chain, m.Base, d.bytesPerSecond()); err != nil {
 		return err
 	}
 	return os.Chtimes(base, time.Unix(0, m.ATime), time.Unix(0, m.MTime))
+}
+
+// relativeBacking makes a merge target copied by the old tool, whose
+// header names its parent by the host path, name the parent's copy in DIR
+// by its relative name (as this tool's copies do): the merge reads only the
+// directory, and QEMU finds the target by the name its parent references.
+func (d *Dir) relativeBacking(ctx context.Context, m Merge, base string) error {
+	if m.Base+1 >= len(m.Chain) {
+		return nil
+	}
+	parent := m.Chain[m.Base+1]
+	cur, err := backingOf(base)
+	if err != nil || cur == parent || filepath.Base(cur) != parent {
+		return nil
+	}
+	st, err := os.Stat(base)
+	if err != nil {
+		return err
+	}
+	if err := d.setBacking(ctx, base, parent, m.Formats[m.Base+1]); err != nil {
+		return err
+	}
+	d.keepTimes(base, st)
+	return nil
 }
 
 // withoutMerges is what remains of a prune whose merges failed: the kept
@@ -329,7 +389,7 @@ func (d *Dir) merge(ctx context.Context, m Merge) error {
 func (p Pending) withoutMerges() Pending {
 	keep := map[string]bool{}
 	for _, m := range p.Merges {
-		for _, f := range m.Chain[:len(m.Chain)-1] {
+		for _, f := range m.Chain[:m.Base] {
 			keep[f] = true
 		}
 	}
@@ -380,7 +440,7 @@ func (d *Dir) dropMeta(domain, moment string) error {
 }
 
 func (d *Dir) retentionPath(domain string) string {
-	return filepath.Join(d.Path, MetaDir, domain, "retention.json")
+	return filepath.Join(d.Path, MetaDir, domain, ".retention.json")
 }
 
 // readRetention reads what retention remembers of domain.

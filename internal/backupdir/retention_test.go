@@ -156,6 +156,7 @@ func TestPruneKeepsTheNewestExact(t *testing.T) {
 	assert.Positive(t, freed, "layers 1 and 2 overlap: merging them frees space")
 	assert.Equal(t, before-freed, d.usage())
 	assert.False(t, exists(d.pendingPath("dom")))
+	d.Manifests("dom", func(p string, err error) { t.Errorf("after a prune, '%s' is not a manifest: %v", p, err) })
 
 	// Nothing to prune: nothing changes.
 	freed, err = d.Prune(context.Background(), "dom", 3, nil)
@@ -251,7 +252,7 @@ func TestPruneSurvivesAKillAtEveryStep(t *testing.T) {
 		copyDir(t, ref.Path, d.Path)
 		calls := 0
 		var stoppedAt string
-		d.crash = func(step string) error {
+		d.StepHook = func(step string) error {
 			calls++
 			if calls == n {
 				stoppedAt = step
@@ -340,12 +341,13 @@ func TestPruneLeavesOtherHardLinksAlone(t *testing.T) {
 	assert.NotEqual(t, before, sum(t, filepath.Join(d.Path, "vm.qcow2")))
 }
 
-// TestPruneSharedTemplate: two disks on one template: a merge for one
-// disk would change what the other reads, so none is done; the points are
-// given up all the same and the kept ones read back.
+// TestPruneSharedTemplate: two disks on one template: each disk's
+// increments are merged into its own image's copy, as a consolidation
+// would, never into the template's copy, which both disks read.
 func TestPruneSharedTemplate(t *testing.T) {
 	t.Parallel()
-	d, _ := newDir(t)
+	d, out := newDir(t)
+	defer func() { t.Log(out.String()) }()
 	host := t.TempDir()
 	tpl := image(t, filepath.Join(host, "tpl.qcow2"), "", 0x10, "0")
 	var a, b []virt.Image
@@ -376,6 +378,9 @@ func TestPruneSharedTemplate(t *testing.T) {
 	pts := d.Points([]string{"dom"}, nil, nil)
 	require.Len(t, pts, 2)
 	assert.Equal(t, tplSum, sum(t, filepath.Join(d.Path, "tpl.qcow2")), "the shared template copy is not written")
+	assert.False(t, exists(filepath.Join(d.Path, "a.bimg-20240101-000001")), "merged into a.qcow2")
+	assert.False(t, exists(filepath.Join(d.Path, "b.bimg-20240101-000001")), "merged into b.qcow2")
+	assert.Equal(t, []string{"a.bimg-20240101-000002", "a.qcow2", "tpl.qcow2"}, pts[0].Disks[0].Chain)
 	assert.True(t, readsBack(t, filepath.Join(d.Path, "a.bimg-20240101-000002"), 0x23, "2M"))
 	assert.True(t, readsBack(t, filepath.Join(d.Path, "b.bimg-20240101-000002"), 0x10, "0"))
 	for _, p := range pts {
@@ -405,4 +410,38 @@ func TestPruneOldToolDirectory(t *testing.T) {
 	for _, p := range pts {
 		assert.Empty(t, d.Checker(context.Background()).Verify(&p))
 	}
+}
+
+// TestPruneOldToolDirectoryOnTemplate: the old tool's copies name their
+// parents by host path, the disk's image on a template: the merge goes
+// into the image's copy (its header now naming the template's copy in DIR),
+// reads no host file, and leaves the template's copy alone.
+func TestPruneOldToolDirectoryOnTemplate(t *testing.T) {
+	t.Parallel()
+	d, _ := newDir(t)
+	host := t.TempDir()
+	tpl := image(t, filepath.Join(host, "tpl.qcow2"), "", 0x10, "6M")
+	imgs := []virt.Image{image(t, filepath.Join(host, "vm.qcow2"), tpl.Path, layers[0].pattern, layers[0].off)}
+	for i := 1; i <= 4; i++ {
+		imgs = append(imgs, image(t, filepath.Join(host, fmt.Sprintf("vm.bimg-20240101-00000%d", i)), imgs[i-1].Path, layers[i].pattern, layers[i].off))
+	}
+	for _, src := range append(imgs, tpl) {
+		copyFile(t, src.Path, filepath.Join(d.Path, filepath.Base(src.Path)))
+	}
+	owner := func(name, _ string) Origin { return Origin{Domain: "dom", Target: "vda"} }
+	tplSum := sum(t, filepath.Join(d.Path, "tpl.qcow2"))
+	// The host files change: a merge that read them would show it.
+	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x66 0 8M", imgs[0].Path)
+	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x66 6M 1M", tpl.Path)
+	_, err := d.Prune(context.Background(), "dom", 2, owner)
+	require.NoError(t, err)
+	pts := d.Points(nil, owner, nil)
+	require.Len(t, pts, 2)
+	assert.Equal(t, []string{"vm.bimg-20240101-000003", "vm.qcow2", "tpl.qcow2"}, pts[0].Disks[0].Chain)
+	assertHolds(t, d.Path, "vm.bimg-20240101-000003", 4)
+	assert.True(t, readsBack(t, filepath.Join(d.Path, "vm.bimg-20240101-000003"), 0x10, "6M"))
+	assert.Equal(t, tplSum, sum(t, filepath.Join(d.Path, "tpl.qcow2")), "the template's copy is not written")
+	b, err := qcow2.BackingFile(filepath.Join(d.Path, "vm.qcow2"))
+	require.NoError(t, err)
+	assert.Equal(t, "tpl.qcow2", b)
 }

@@ -68,19 +68,43 @@ func formatOr(f string) string {
 	return f
 }
 
-// Commit writes the data of every layer of chain (top first) except the
-// last into the last one, the base (`qemu-img commit -d`), at most rate
-// bytes/s when rate > 0. The chain is named explicitly, so only the given
-// files are read and written whatever their headers reference; the layers
-// above the base are left as they were.
-func (t Tool) Commit(ctx context.Context, chain []Image, rate int64) error {
-	if len(chain) < 2 {
+// Commit writes the data of the layers from top down to (not including)
+// base into base (`qemu-img commit -d`), following the images' own backing
+// references, at most rate bytes/s when rate > 0. The layers are left as
+// they were.
+func (t Tool) Commit(ctx context.Context, top, base string, rate int64) error {
+	_, err := t.run(ctx, commitArgs(base, rate, top)...)
+	return err
+}
+
+// CommitIn is Commit inside dir for a chain named explicitly, top first,
+// by names relative to dir: chain[0 … base-1] go into chain[base], and no
+// file outside the chain is opened, whatever the headers say. The chain is
+// given down to its bottom, so that the base keeps its own backing file (a
+// partial cluster written into it is completed from there). The names must
+// be those the headers hold (relative, as this tool writes them): QEMU
+// finds the base by the name its parent references.
+func (t Tool) CommitIn(ctx context.Context, dir string, chain []Image, base int, rate int64) error {
+	if base < 1 || base >= len(chain) {
 		return nil
 	}
-	args := []string{"commit", "-q", "-d", "-b", chain[len(chain)-1].Path}
+	_, err := t.runIn(ctx, dir, commitArgs(chain[base].Path, rate, ImageOpts(formatOr(chain[0].Format), chain[0].Path, chain[1:]))...)
+	return err
+}
+
+func commitArgs(base string, rate int64, image string) []string {
+	args := []string{"commit", "-q", "-d", "-b", base}
 	if rate > 0 {
 		args = append(args, "-r", strconv.FormatInt(rate, 10))
 	}
-	_, err := t.run(ctx, append(args, ImageOpts(formatOr(chain[0].Format), chain[0].Path, chain[1:]))...)
+	return append(args, image)
+}
+
+// Flatten copies into image everything its backing files hold for it and
+// drops its backing reference (`qemu-img rebase -b ""`, safe mode): the
+// image then stands alone with the same content. Interrupted, the image
+// still reads the same through its backing files.
+func (t Tool) Flatten(ctx context.Context, image, format string) error {
+	_, err := t.run(ctx, "rebase", "-q", "-f", formatOr(format), "-b", "", image)
 	return err
 }
