@@ -8,27 +8,48 @@ import (
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
-// offline copies a domain that is not running with cp -up semantics (mode,
-// owner and times kept). The caller holds the domain's lock.
+// offline handles a domain that is not running, under its lock: a copy
+// with cp -up semantics (mode, owner and times kept), and with -c or -C, for
+// a shut-off domain, a consolidation with qemu-img (blockjob.Offline).
 func (r *Runner) offline(ctx context.Context, dom virt.Domain, before virt.State) error {
 	name := dom.Name()
 	if r.cfg.DumpDir != "" {
 		r.p.Warn("Domain '%s' is not running: no state dump (-s) for it", name)
 	}
-	if r.dir == nil {
-		r.needsBackupDir(name, before)
-		return ErrFailed
-	}
-	if r.cfg.Consolidate {
-		if !r.cfg.AllKeyword {
-			r.p.Err("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
+	refused := false
+	if r.cfg.Consolidate && before != virt.StateShutoff {
+		// QEMU holds a paused domain's images: neither a block job nor
+		// qemu-img may merge them. The old refusal, with an honest exit
+		// code even under "all", where the old tool went on with the copy.
+		r.p.Err("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
+		if !r.cfg.AllKeyword || r.dir == nil {
 			r.p.Err("Skipping consolidation/backup of '%s'", name)
 			return ErrFailed
 		}
-		// Under "all" the old tool went on with the backup and exited 0:
-		// the line is a warning, not an error.
-		r.p.Warn("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
 		r.p.Debug("Doing full backup (not consolidation) of '%s'", name)
+		refused = true
+	}
+	if r.cfg.Snapshot || refused {
+		if err := r.copyOffline(ctx, dom, before); err != nil {
+			return err
+		}
+	}
+	if refused {
+		return ErrFailed
+	}
+	if r.cfg.Consolidate {
+		return r.jobs.Offline(ctx, dom, r.images, r.chains.OfFile, r.chains.Others(ctx, name, false))
+	}
+	return nil
+}
+
+// copyOffline copies a domain that is not running with cp -up semantics
+// and records its restore point.
+func (r *Runner) copyOffline(ctx context.Context, dom virt.Domain, before virt.State) error {
+	name := dom.Name()
+	if r.dir == nil {
+		r.needsBackupDir(name, before)
+		return ErrFailed
 	}
 	if !r.dir.Exists() {
 		r.p.Err("Backup directory '%s' doesn't exist", r.dir.Path)

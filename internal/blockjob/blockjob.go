@@ -220,7 +220,7 @@ func CheckResult(kind virt.JobKind, base string, before []virt.Image, after virt
 	return nil
 }
 
-func diskByTarget(dom Domain, target string) (virt.Disk, error) {
+func diskByTarget(dom interface{ Disks() ([]virt.Disk, error) }, target string) (virt.Disk, error) {
 	disks, err := dom.Disks()
 	if err != nil {
 		return virt.Disk{}, err

@@ -232,6 +232,9 @@ type Domain interface {
 	Definition() (string, error)
 	// UUID is the domain's UUID.
 	UUID() (string, error)
+	// Redefine replaces the domain's persistent definition with xml (a
+	// running domain keeps running on its live one until it stops).
+	Redefine(xml string) error
 	// Snapshot takes an external, disk-only, atomic, metadata-less snapshot;
 	// libvirt names the overlays.
 	Snapshot(spec SnapshotSpec) error

@@ -197,6 +197,14 @@ func (d *domain) UUID() (string, error) {
 	return u, nil
 }
 
+func (d *domain) Redefine(xml string) error {
+	nd, err := d.conn.c.DomainDefineXML(xml)
+	if err != nil {
+		return translate("define domain", err)
+	}
+	return nd.Free()
+}
+
 func (d *domain) Snapshot(spec virt.SnapshotSpec) error {
 	x, err := virt.SnapshotXML(spec.Name)
 	if err != nil {

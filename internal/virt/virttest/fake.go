@@ -123,6 +123,15 @@ func (d *domain) Definition() (string, error) {
 func (d *domain) UUID() (string, error) {
 	return "00000000-0000-4000-8000-" + fmt.Sprintf("%012x", len(d.name)), nil
 }
+func (d *domain) Redefine(xml string) error {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if d.f.XML == nil {
+		d.f.XML = map[string]string{}
+	}
+	d.f.XML[d.name] = xml
+	return nil
+}
 func (d *domain) Snapshot(spec virt.SnapshotSpec) error {
 	if d.f.Snapshot != nil {
 		return d.f.Snapshot(d.name, spec)
