@@ -1,7 +1,7 @@
 # fi-backup — see README.md. Every target that needs libvirtd sets the host up
 # first with scripts/setup-host.sh (idempotent, quiet when all is in place).
 SHELL := /bin/bash
-VERSION ?= 3.0.0
+VERSION ?= 3.1.0
 PREFIX ?= /usr/local
 GO ?= go
 GOFLAGS_BUILD := -trimpath -ldflags "-X github.com/fi-backup/fi-backup/internal/cli.Version=$(VERSION)"

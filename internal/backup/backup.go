@@ -5,6 +5,8 @@
 //	                 → [-s dump] → snapshot → copy the read-only chain (backupdir)
 //	                 → [-c/-C consolidate (blockjob)]
 //	shut-off domain: lock → chains (qemu-img) → admit → copy with cp -up (backupdir)
+//	                 → [-c/-C consolidate with qemu-img (blockjob.Offline)]
+//	either, after success with --keep: prune the oldest restore points (backupdir)
 //
 // The settings of a run are one immutable Config built by the command line;
 // everything the run touches outside the process comes in through Env.
@@ -36,10 +38,12 @@ type Config struct {
 	Quiesce     bool          // -q
 	JobTimeout  time.Duration // --job_timeout
 	RateLimit   int64         // --rate_limit, bytes/s; 0: unlimited
+	Keep        int           // --keep: restore points kept per domain; 0: all
 	AllKeyword  bool          // the domains were given as "all"
 
 	DumpTimeout   time.Duration // FI_BACKUP_DUMP_TIMEOUT; 0: the default
 	DumpBandwidth int64         // FI_BACKUP_TEST_DUMP_BANDWIDTH (tests only)
+	KillAt        string        // FI_BACKUP_TEST_KILL_AT (tests only): see killAt
 }
 
 // Env is the run's surroundings.
@@ -69,6 +73,7 @@ type Runner struct {
 	journal journal.Store
 	chains  chains.Reader
 	dir     *backupdir.Dir // nil without -b
+	images  qcow2.Tool
 	jobs    *blockjob.Consolidator
 }
 
@@ -76,7 +81,7 @@ type Runner struct {
 func New(cfg Config, env Env) *Runner {
 	tool := qcow2.Tool{Path: env.QemuImg}
 	r := &Runner{
-		cfg: cfg, p: env.P, hyp: env.Hyp, prog: env.Prog, now: env.Now, lockDir: env.LockDir, tool: env.Tool,
+		cfg: cfg, p: env.P, hyp: env.Hyp, prog: env.Prog, now: env.Now, lockDir: env.LockDir, tool: env.Tool, images: tool,
 		journal: journal.Store{Dir: env.LockDir},
 		chains:  chains.Reader{P: env.P, Hyp: env.Hyp, Tool: tool},
 	}
@@ -87,6 +92,9 @@ func New(cfg Config, env Env) *Runner {
 		r.dir = &backupdir.Dir{Path: cfg.BackupDir, P: env.P, Tool: tool}
 		if cfg.RateLimit > 0 {
 			r.dir.Limit = copyfile.NewLimiter(cfg.RateLimit)
+		}
+		if cfg.KillAt != "" {
+			r.dir.StepHook = killAt(cfg.KillAt)
 		}
 	}
 	r.jobs = &blockjob.Consolidator{
@@ -102,8 +110,9 @@ func New(cfg Config, env Env) *Runner {
 // state now says: copying a running domain's live disk offline would be a
 // torn copy reported as good.
 func (r *Runner) Run(ctx context.Context, name string, selected virt.State) error {
-	if !running(selected) && r.dir == nil {
-		// The old tool's refusal, before it took any lock.
+	if !running(selected) && r.dir == nil && !(selected == virt.StateShutoff && r.cfg.Consolidate && !r.cfg.Snapshot) {
+		// The old tool's refusal, before it took any lock (-c on a
+		// shut-off domain copies nothing: it needs no directory).
 		r.needsBackupDir(name, selected)
 		return ErrFailed
 	}
@@ -132,12 +141,17 @@ func (r *Runner) Run(ctx context.Context, name string, selected virt.State) erro
 	}
 	switch {
 	case running(st):
-		return r.online(ctx, dom)
+		err = r.online(ctx, dom)
 	case st == virt.StateShutoff || st == virt.StatePaused || st == virt.StateCrashed:
-		return r.offline(ctx, dom, st)
+		err = r.offline(ctx, dom, st)
+	default:
+		r.p.Err("Domain '%s' is %s: skipping it", name, st)
+		return ErrFailed
 	}
-	r.p.Err("Domain '%s' is %s: skipping it", name, st)
-	return ErrFailed
+	if err != nil || ctx.Err() != nil {
+		return err // a domain whose backup failed is not pruned
+	}
+	return r.prune(ctx, name)
 }
 
 func running(s virt.State) bool { return s == virt.StateRunning || s == virt.StateBlocked }

@@ -207,7 +207,11 @@ func (a *app) run(ctx context.Context, args []string) error {
 	// A guest a killed -s run left paused is resumed before the domains
 	// are listed, so that -r and all find it running again.
 	r.RecoverAll(ctx)
-	sel := a.selectDomains(hyp, names, o.AllRunning)
+	var prunable func(string) bool
+	if o.Keep > 0 {
+		prunable = r.HasPoints
+	}
+	sel := a.selectDomains(hyp, names, o.AllRunning, prunable)
 	var failed error
 	if sel.failed {
 		failed = backup.ErrFailed
@@ -220,6 +224,14 @@ func (a *app) run(ctx context.Context, args []string) error {
 			failed = backup.ErrFailed
 		}
 	}
+	for _, name := range sel.gone {
+		if ctx.Err() != nil {
+			break
+		}
+		if err := r.PruneGone(ctx, name); err != nil {
+			failed = backup.ErrFailed
+		}
+	}
 	return failed
 }
 
@@ -228,6 +240,10 @@ func (a *app) run(ctx context.Context, args []string) error {
 func (a *app) checkCommand(o *Options) error {
 	if o.Command == "" {
 		switch {
+		case o.Keep > 0 && o.BackupDir == "":
+			return a.usageErr("--keep requires -b <directory>")
+		case o.Keep > 0 && o.Consolidate && !o.Snapshot:
+			return a.usageErr("--keep and consolidation only (-c) are not compatible")
 		case o.TargetDir != "":
 			return a.usageErr("--target_dir only works with --restore")
 		case o.Format != "":
@@ -249,6 +265,8 @@ func (a *app) checkCommand(o *Options) error {
 		return a.usageErr(c + " and -m are not compatible")
 	case o.AllRunning:
 		return a.usageErr(c + " and all_running (-r) are not compatible")
+	case o.Keep > 0:
+		return a.usageErr(c + " and --keep are not compatible")
 	case o.Format != "" && o.Command != "list":
 		return a.usageErr("--format only works with --list")
 	case o.TargetDir != "" && o.Command != "restore":
@@ -306,7 +324,7 @@ func (a *app) command(ctx context.Context, o *Options, args []string, hyp virt.H
 func (a *app) config(o *Options, names []string) backup.Config {
 	cfg := backup.Config{
 		BackupDir: o.BackupDir, DumpDir: o.DumpDir, Snapshot: o.Snapshot, Consolidate: o.Consolidate,
-		Method: o.Method, Quiesce: o.Quiesce, JobTimeout: o.JobTimeout, RateLimit: o.RateLimit,
+		Method: o.Method, Quiesce: o.Quiesce, JobTimeout: o.JobTimeout, RateLimit: o.RateLimit, Keep: o.Keep,
 	}
 	for _, n := range names {
 		if n == "all" {
@@ -323,6 +341,7 @@ func (a *app) config(o *Options, names []string) backup.Config {
 			a.p.Warn("Ignoring FI_BACKUP_DUMP_TIMEOUT='%s': not a positive duration", v)
 		}
 	}
+	cfg.KillAt = a.Getenv("FI_BACKUP_TEST_KILL_AT")
 	if v := a.Getenv("FI_BACKUP_TEST_DUMP_BANDWIDTH"); v != "" {
 		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n > 0 {
 			cfg.DumpBandwidth = n

@@ -106,6 +106,7 @@ var wantUsage = `   fi-backup version ` + Version + ` - Go reimplementation of f
       --all_running --dump_state_dir --debug --help --verbose --version
       --job_timeout <duration>   Consolidation job timeout (default 30m)
       --rate_limit <rate>        Copy and consolidate at most <rate> bytes/s (K, M, G suffixes)
+      --keep <n>                 Keep only the <n> newest restore points of each domain in -b
       --list                     List the restore points in the backup directory (-b)
       --verify                   Verify the restore points in the backup directory (-b)
       --restore <moment>         Restore the point YYYYMMDD-HHMMSS (or latest) of one domain
@@ -175,6 +176,12 @@ func TestExitCodeTable(t *testing.T) {
 		{name: "format without list", args: []string{"--format=json", "dom"}, code: 1, stdout: usageWith("--format only works with --list")},
 		{name: "format value", args: []string{"--list", "--format=xml", "-b", dir}, code: 1, stdout: usageWith("--format requires 'text' or 'json'")},
 		{name: "target_dir without restore", args: []string{"--target_dir", dir, "dom"}, code: 1, stdout: usageWith("--target_dir only works with --restore")},
+		{name: "keep zero", args: []string{"--keep=0", "-b", dir, "dom"}, code: 1, stdout: usageWith("--keep requires a number of restore points, at least 1")},
+		{name: "keep negative", args: []string{"--keep", "-1", "-b", dir, "dom"}, code: 1, stdout: usageWith("--keep requires a number of restore points, at least 1")},
+		{name: "keep not a number", args: []string{"--keep=abc", "-b", dir, "dom"}, code: 1, stdout: usageWith("--keep requires a number of restore points, at least 1")},
+		{name: "keep without -b", args: []string{"--keep=3", "dom"}, code: 1, stdout: usageWith("--keep requires -b <directory>")},
+		{name: "keep with -c", args: []string{"--keep=3", "-c", "-b", dir, "dom"}, code: 1, stdout: usageWith("--keep and consolidation only (-c) are not compatible")},
+		{name: "keep with list", args: []string{"--keep=3", "--list", "-b", dir}, code: 1, stdout: usageWith("--list and --keep are not compatible")},
 		{name: "list of an empty directory", args: []string{"--list", "-b", dir}, code: 0, stdout: "[INF] libVirt version '9.0.0' support is experimental\nDOMAIN  MOMENT  METHOD  DISKS  OWN  FLAGS  MANIFEST  FILES\n"},
 	}
 	for _, tc := range cases {
@@ -329,16 +336,27 @@ func TestStatesAndAll(t *testing.T) {
 	assert.Contains(t, so, "[DEB] Domains NOTRUNNING to backup: \n[DEB] Domains RUNNING to backup: run\n")
 }
 
+// TestOfflineWithConsolidation: a shut-off domain is consolidated offline
+// (nothing to merge on the fake: exit 0, no refusal); a paused one keeps
+// the old refusal, with exit 1 even under all, where the copy still runs.
 func TestOfflineWithConsolidation(t *testing.T) {
 	h := newHarness(t, map[string]virt.State{"off": virt.StateShutoff})
-	so, _, code := h.run(t, "-c", "-b", t.TempDir(), "off")
-	assert.Equal(t, 1, code)
-	assert.Contains(t, so, "[ERR] Consolidation only works with running domains. 'off' is not running! Doing full backup only of 'off'\n[ERR] Skipping consolidation/backup of 'off'\n")
+	so, _, code := h.run(t, "-d", "-c", "off")
+	assert.Equal(t, 0, code, "-c on a shut-off domain needs no -b")
+	assert.NotContains(t, so, "Consolidation only works with running domains")
+	assert.Contains(t, so, "[DEB] Consolidation method: blockcommit (offline, with qemu-img: 'off' is shut off)\n")
 
-	h = newHarness(t, map[string]virt.State{"off": virt.StateShutoff})
-	so, _, code = h.run(t, "-d", "-c", "-b", t.TempDir(), "all")
-	assert.Equal(t, 0, code)
-	assert.Contains(t, so, "[DEB] Doing full backup (not consolidation) of 'off'\n")
+	h = newHarness(t, map[string]virt.State{"p": virt.StatePaused})
+	so, _, code = h.run(t, "-c", "-b", t.TempDir(), "p")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] Consolidation only works with running domains. 'p' is not running! Doing full backup only of 'p'\n[ERR] Skipping consolidation/backup of 'p'\n")
+
+	h = newHarness(t, map[string]virt.State{"p": virt.StatePaused})
+	so, _, code = h.run(t, "-d", "-C", "-b", t.TempDir(), "all")
+	assert.Equal(t, 1, code, "the refusal is an error under all too")
+	assert.Contains(t, so, "[ERR] Consolidation only works with running domains. 'p' is not running! Doing full backup only of 'p'\n")
+	assert.Contains(t, so, "[DEB] Doing full backup (not consolidation) of 'p'\n")
+	assert.Contains(t, so, "All 0 block files for 'p'", "the copy still runs")
 }
 
 // TestB4B6Locking: contention is a failure with the old message; an
@@ -459,7 +477,7 @@ func TestDomainOrder(t *testing.T) {
 // TestPausedDomainWording: a paused domain is called paused, not shut-off.
 func TestPausedDomainWording(t *testing.T) {
 	h := newHarness(t, map[string]virt.State{"p": virt.StatePaused, "off": virt.StateShutoff})
-	so, _, code := h.run(t, "-c", "all")
+	so, _, code := h.run(t, "-C", "all")
 	assert.Equal(t, 1, code)
 	assert.Contains(t, so, "[ERR] -b flag (directory) required for backing up the paused domain 'p'\n")
 	assert.Contains(t, so, "[ERR] -b flag (directory) required for backing up the shut-off domain 'off'\n")

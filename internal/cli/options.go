@@ -15,7 +15,7 @@ import (
 
 // Version is this implementation's version; the Makefile sets it at link
 // time with -ldflags "-X github.com/fi-backup/fi-backup/internal/cli.Version=…".
-var Version = "3.0.0"
+var Version = "3.1.0"
 
 // Options is the parsed command line.
 type Options struct {
@@ -31,6 +31,7 @@ type Options struct {
 	Verbose     bool
 	JobTimeout  time.Duration
 	RateLimit   int64    // bytes/s, 0: unlimited
+	Keep        int      // --keep: restore points to keep per domain; 0: all
 	Command     string   // "list", "verify", "restore"; "" for a backup
 	RestoreAt   string   // --restore's moment (or "latest")
 	TargetDir   string   // --target_dir
@@ -119,6 +120,14 @@ func options() []option {
 				return a.usageErr("--rate_limit requires a positive number of bytes per second, with an optional K, M or G suffix (e.g. 50M)")
 			}
 			o.RateLimit = n
+			return nil
+		}},
+		{long: "keep", arg: "<n>", help: "Keep only the <n> newest restore points of each domain in -b", set: func(a *app, o *Options, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 {
+				return a.usageErr("--keep requires a number of restore points, at least 1")
+			}
+			o.Keep = n
 			return nil
 		}},
 		{long: "list", help: "List the restore points in the backup directory (-b)", set: setCommand("list")},
