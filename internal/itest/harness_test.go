@@ -11,6 +11,7 @@ package itest
 import (
 	"bytes"
 	"fmt"
+	"github.com/fi-backup/fi-backup/internal/backupdir"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -244,6 +245,9 @@ func files(t *testing.T, dir string) []string {
 	require.NoError(t, err)
 	var out []string
 	for _, e := range entries {
+		if e.Name() == backupdir.MetaDir {
+			continue // the restore points' records, not images
+		}
 		out = append(out, e.Name())
 	}
 	return out
