@@ -38,6 +38,7 @@ func (d *Dir) CopyChain(ctx context.Context, domain string, imgs []virt.Image, p
 		}
 		if rec, ok := merged[imgs[i].Path]; ok && below != nil && !parentReplaced && rec.Into == below.Name && rec.current() {
 			d.P.Debug("'%s' was merged into '%s' by --keep and has not changed: not copied again", imgs[i].Path, rec.Into)
+			d.observe(CopyEvent{Domain: domain, Source: imgs[i].Path, Dest: filepath.Join(d.Path, rec.Into), Reason: "merged into " + rec.Into + " by --keep"})
 			continue
 		}
 		var parent *virt.Image
@@ -137,6 +138,7 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 	}
 	d.P.Debug("'%s': %s", dst, reason)
 	if !need {
+		d.observe(CopyEvent{Domain: domain, Source: src.Path, Dest: dst, Reason: reason})
 		d.narrowMode(dst, dstInfo, sst)
 		if err := d.fixBacking(ctx, dst, backing, backingFormat, parent, preserve); err != nil {
 			return File{}, false, err
@@ -181,7 +183,9 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 		}
 		return fail("Unable to copy '%s' to '%s': %v", src.Path, dst, err)
 	}
-	d.P.Debug("Copied %d bytes of '%s' in %.3fs", st.Bytes, src.Path, time.Since(start).Seconds())
+	took := time.Since(start).Seconds()
+	d.P.Debug("Copied %d bytes of '%s' in %.3fs", st.Bytes, src.Path, took)
+	d.observe(CopyEvent{Domain: domain, Source: src.Path, Dest: dst, Copied: true, Reason: reason, Bytes: st.Bytes, Seconds: took})
 	sum, err := hashFile(dst)
 	if err != nil {
 		return fail("Unable to read the copy '%s': %v", dst, err)
@@ -253,3 +257,9 @@ func (d *Dir) setBacking(ctx context.Context, path, backing, format string) erro
 }
 
 func backingOf(path string) (string, error) { return qcow2.BackingFile(path) }
+
+func (d *Dir) observe(ev CopyEvent) {
+	if d.Observe != nil {
+		d.Observe(ev)
+	}
+}
