@@ -75,7 +75,7 @@ type Runner struct {
 	chains  chains.Reader
 	dir     *backupdir.Dir // nil without -b
 	images  qcow2.Tool
-	rep     *report.Domain  // this domain's record in the run's report; nil: none
+	rep     *report.Domain    // this domain's record in the run's report; nil: none
 	diskOf  map[string]string // host chain file → disk target, for the report
 	jobs    *blockjob.Consolidator
 }

@@ -6,8 +6,8 @@ import (
 	"time"
 
 	"github.com/fi-backup/fi-backup/internal/journal"
-	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"github.com/fi-backup/fi-backup/internal/report"
+	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"github.com/fi-backup/fi-backup/internal/statedump"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )

@@ -61,7 +61,9 @@ func TestReportAndMetrics(t *testing.T) {
 	d.Act(ActionCopy)
 	d.AddFile("vda", "/d/x.qcow2", File{Source: "/d/x.qcow2", Dest: "/b/x.qcow2", Copied: true, Bytes: 1000, Seconds: 0.5})
 	d.Disk("vda", "").HostChainLength = 3
-	d.Update(func(d *Domain) { d.Snapshot, d.RestorePoints, d.Dump = "bimg-20260102-030405", 4, &Dump{File: "/s/f.gz", PauseSeconds: 0.25} })
+	d.Update(func(d *Domain) {
+		d.Snapshot, d.RestorePoints, d.Dump = "bimg-20260102-030405", 4, &Dump{File: "/s/f.gz", PauseSeconds: 0.25}
+	})
 	d.Finish(t0.Add(2*time.Second), ResultOK)
 	g := run.Domain("gone", "missing", t0)
 	g.Finish(t0, ResultMissing)
