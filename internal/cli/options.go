@@ -181,6 +181,27 @@ func options() []option {
 	}
 }
 
+// OptionName is how one option of the table is written on the command
+// line; the documentation and completion tests check against it.
+type OptionName struct {
+	Long  string // without the leading "--"
+	Short string // the letter; "" for a long-only option
+	Arg   bool   // takes an argument
+}
+
+// OptionNames lists every option, in the table's order.
+func OptionNames() []OptionName {
+	opts := options()
+	names := make([]OptionName, len(opts))
+	for i, opt := range opts {
+		names[i] = OptionName{Long: opt.long, Arg: opt.arg != ""}
+		if opt.short != 0 {
+			names[i].Short = string(opt.short)
+		}
+	}
+	return names
+}
+
 // momentLayout is how a restore point's moment is written.
 const momentLayout = "20060102-150405"
 
