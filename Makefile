@@ -20,9 +20,12 @@ setup: ## install and start libvirtd + QEMU (root, Debian 12, no systemd needed)
 build: setup ## build bin/fi-backup
 	CGO_ENABLED=1 $(GO) build $(GOFLAGS_BUILD) -o bin/fi-backup ./cmd/fi-backup
 
-# The man page is installed uncompressed (man reads it either way; a
-# distribution package may gzip it).
-install: build ## install fi-backup, its man page and bash completion under $(DESTDIR)$(PREFIX)
+# install never runs the test-host setup (it would rewrite qemu.conf and
+# restart libvirtd on a production host): it builds bin/fi-backup only when
+# it is missing (that needs Go and libvirt-dev). The man page is installed
+# uncompressed (man reads it either way; a distribution package may gzip it).
+install: ## install fi-backup, its man page and bash completion under $(DESTDIR)$(PREFIX)
+	@test -x bin/fi-backup || CGO_ENABLED=1 $(GO) build $(GOFLAGS_BUILD) -o bin/fi-backup ./cmd/fi-backup
 	install -D -m 0755 bin/fi-backup $(DESTDIR)$(PREFIX)/bin/fi-backup
 	install -D -m 0644 cmd/fi-backup/fi-backup.8 $(DESTDIR)$(MANDIR)/man8/fi-backup.8
 	install -D -m 0644 cmd/fi-backup/fi-backup.bash $(DESTDIR)$(BASHCOMPDIR)/fi-backup

@@ -26,9 +26,6 @@ const repo = "../.."
 // issue 14 add them to the options table. Once an option is in the table,
 // its entry here is ignored (the table wins) and can go.
 var pendingOptions = []cli.OptionName{
-	{Long: "report", Arg: true},
-	{Long: "textfile_dir", Arg: true},
-	{Long: "parallel", Arg: true},
 	{Long: "cbt"},
 }
 

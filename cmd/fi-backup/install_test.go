@@ -12,9 +12,10 @@ import (
 
 // TestMakeInstall runs the Makefile's install and uninstall targets into a
 // DESTDIR. They run in a copy of what they read (the Makefile, the man
-// page, the completion, and a stand-in bin/fi-backup) with the build taken
-// as done (make -o build): building needs libvirtd's setup and takes long,
-// and the repository's bin/ is left alone.
+// page, the completion, and a stand-in bin/fi-backup, which install takes
+// as built), so the repository's bin/ is left alone. No setup target runs
+// (make -n would show it): install must never touch a production host's
+// libvirt configuration.
 func TestMakeInstall(t *testing.T) {
 	t.Parallel()
 	mk := needTool(t, "make")
@@ -40,7 +41,7 @@ func TestMakeInstall(t *testing.T) {
 	}
 	for _, prefix := range []string{"", "/opt/fib"} { // "": the default, /usr/local
 		dest := t.TempDir()
-		args := []string{"-C", src, "-o", "build", "DESTDIR=" + dest}
+		args := []string{"-C", src, "DESTDIR=" + dest}
 		root := filepath.Join(dest, "usr/local")
 		if prefix != "" {
 			args = append(args, "PREFIX="+prefix)
@@ -52,6 +53,11 @@ func TestMakeInstall(t *testing.T) {
 			cmd.Env = append(os.Environ(), "MAKEFLAGS=", "MFLAGS=", "MAKELEVEL=")
 			return cmd
 		}
+		dry := mkCmd("install")
+		dry.Args = append(dry.Args[:len(dry.Args)-1], "-n", "install")
+		plan, err := dry.Output()
+		require.NoError(t, err)
+		assert.NotContains(t, string(plan), "setup-host.sh", "install runs no host setup")
 		run(t, mkCmd("install"))
 		var got []string
 		require.NoError(t, filepath.Walk(dest, func(p string, fi os.FileInfo, err error) error {
