@@ -24,6 +24,7 @@ import (
 	"github.com/fi-backup/fi-backup/internal/journal"
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/progress"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
 	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/virt"
@@ -57,6 +58,7 @@ type Env struct {
 	QemuImg   string
 	Tool      string        // "fi-backup <version>", recorded in the manifests
 	PollEvery time.Duration // block-job poll (tests make it short); 0: the default
+	Progress  *progress.UI  // the terminal's progress display; nil: none
 }
 
 // ErrFailed marks a domain whose failure has been reported.
@@ -75,6 +77,7 @@ type Runner struct {
 	chains  chains.Reader
 	dir     *backupdir.Dir // nil without -b
 	images  qcow2.Tool
+	ui      *progress.UI
 	rep     *report.Domain    // this domain's record in the run's report; nil: none
 	diskOf  map[string]string // host chain file → disk target, for the report
 	jobs    *blockjob.Consolidator
@@ -84,7 +87,7 @@ type Runner struct {
 func New(cfg Config, env Env) *Runner {
 	tool := qcow2.Tool{Path: env.QemuImg}
 	r := &Runner{
-		cfg: cfg, p: env.P, hyp: env.Hyp, prog: env.Prog, now: env.Now, lockDir: env.LockDir, tool: env.Tool, images: tool,
+		cfg: cfg, p: env.P, hyp: env.Hyp, prog: env.Prog, now: env.Now, lockDir: env.LockDir, tool: env.Tool, images: tool, ui: env.Progress,
 		journal: journal.Store{Dir: env.LockDir},
 		chains:  chains.Reader{P: env.P, Hyp: env.Hyp, Tool: tool},
 	}
@@ -110,15 +113,20 @@ func New(cfg Config, env Env) *Runner {
 // For is the runner of one domain's turn: everything it prints goes to p,
 // what it does is recorded in rd (nil: no report). Turns of different
 // domains may run at once, each with its own For.
-func (r *Runner) For(p *logging.Printer, rd *report.Domain) *Runner {
+func (r *Runner) For(name string, p *logging.Printer, rd *report.Domain) *Runner {
 	c := *r
 	c.p, c.rep, c.diskOf = p, rd, map[string]string{}
 	c.chains.P = p
 	jobs := *r.jobs
 	jobs.P = p
 	c.jobs = &jobs
+	var copyBar func(string, int64) *progress.Bar
+	if r.ui != nil {
+		jobs.Bar = func(target string) *progress.Bar { return r.ui.Job(name, target, string(r.cfg.Method)) }
+		copyBar = func(src string, total int64) *progress.Bar { return r.ui.Copy(name, src, total) }
+	}
 	if r.dir != nil {
-		c.dir = r.dir.For(p, c.observeCopy)
+		c.dir = r.dir.For(p, c.observeCopy, copyBar)
 	}
 	return &c
 }

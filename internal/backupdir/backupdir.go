@@ -25,6 +25,7 @@ import (
 
 	"github.com/fi-backup/fi-backup/internal/copyfile"
 	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/progress"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
 )
 
@@ -51,6 +52,8 @@ type Dir struct {
 	StepHook func(step string) error
 	// Observe, when set, is told about every chain file a copy handles.
 	Observe func(CopyEvent)
+	// Bar, when set, gives the progress display's bar of a file copy.
+	Bar func(src string, total int64) *progress.Bar
 
 	sh *dirState // shared by the views of For
 }
@@ -89,8 +92,8 @@ func (d *Dir) st() *dirState {
 
 // For is a view of the directory for one domain's turn: its own printer
 // and observer, the run's shared state (name claims, probes, checksums).
-func (d *Dir) For(p *logging.Printer, observe func(CopyEvent)) *Dir {
-	return &Dir{Path: d.Path, P: p, Tool: d.Tool, Limit: d.Limit, StepHook: d.StepHook, Observe: observe, sh: d.st()}
+func (d *Dir) For(p *logging.Printer, observe func(CopyEvent), bar func(src string, total int64) *progress.Bar) *Dir {
+	return &Dir{Path: d.Path, P: p, Tool: d.Tool, Limit: d.Limit, StepHook: d.StepHook, Observe: observe, Bar: bar, sh: d.st()}
 }
 
 // Exists reports whether the directory (still) exists.
@@ -152,7 +155,40 @@ func (d *Dir) Admit(name string, files []string, holder func() Holder) error {
 			return ErrFailed
 		}
 	}
+	if need, have, ok := d.room(name, files); !ok {
+		d.P.Err("Not enough free space in '%s' for the backup of '%s': it copies up to %s, and %s are free", d.Path, name, human(need), human(have))
+		return ErrFailed
+	}
 	return nil
+}
+
+// room checks that the backup file system can take the copies of files
+// this run will make: the allocated size of every source whose copy is
+// missing or older (cp -u), or merged away but changed since.
+func (d *Dir) room(domain string, files []string) (need, have int64, ok bool) {
+	merged := d.mergedSources(domain)
+	for _, src := range files {
+		sst, err := os.Stat(src)
+		if err != nil {
+			continue // reported when it is copied
+		}
+		if rec, found := merged[src]; found && rec.current() {
+			continue
+		}
+		var dstInfo os.FileInfo
+		if st, err := os.Lstat(d.Destination(src)); err == nil {
+			dstInfo = st
+		}
+		if copyIt, _, err := copyfile.NeedCopy(sst, dstInfo, d.timeResolution()); err == nil && copyIt {
+			need += allocated(src)
+		}
+	}
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(d.Path, &fs); err != nil {
+		return need, 0, true // unknown: the copy will tell
+	}
+	have = int64(fs.Bavail) * int64(fs.Bsize)
+	return need, have, need <= have
 }
 
 // samePath reports whether a and b name the same file after resolving

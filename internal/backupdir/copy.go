@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fi-backup/fi-backup/internal/copyfile"
+	"github.com/fi-backup/fi-backup/internal/progress"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
@@ -146,6 +147,11 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 		return done(false, "")
 	}
 	start := time.Now()
+	var bar *progress.Bar
+	if d.Bar != nil {
+		bar = d.Bar(src.Path, allocated(src.Path))
+		defer bar.Done()
+	}
 	st, err := copyfile.Copy(ctx, src.Path, dst, copyfile.Options{
 		Preserve: preserve,
 		Limit:    d.Limit,

@@ -23,6 +23,7 @@ import (
 	"github.com/fi-backup/fi-backup/internal/backup"
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/progress"
 	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
@@ -48,7 +49,8 @@ type app struct {
 	Env
 	p   *logging.Printer
 	rep *report.Run // --report or --textfile_dir; nil: none
-	o   *Options    // once parsed
+	ui  *progress.UI
+	o   *Options // once parsed
 }
 
 // Main runs fi-backup with the real environment and returns the exit code.
@@ -90,7 +92,11 @@ func Run(ctx context.Context, env Env, args []string) int {
 	if a.Now == nil {
 		a.Now = time.Now
 	}
-	a.p = logging.New(env.Stdout, false, false)
+	// On a terminal, stderr shows the copies and jobs as they go.
+	ui, logTo := progress.Start(env.Stdout, env.Stderr)
+	defer ui.Stop()
+	a.ui = ui
+	a.p = logging.New(logTo, false, false)
 	ctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
 	if env.Signals != nil {
@@ -244,7 +250,7 @@ func (a *app) run(ctx context.Context, args []string) error {
 	}
 	r := backup.New(a.config(o, names), backup.Env{
 		P: a.p, Hyp: hyp, Prog: a.Prog, Now: a.Now, LockDir: a.LockDir, QemuImg: qemuImg, PollEvery: a.PollEvery,
-		Tool: "fi-backup " + Version,
+		Tool: "fi-backup " + Version, Progress: a.ui,
 	})
 	// A guest a killed -s run left paused is resumed before the domains
 	// are listed, so that -r and all find it running again.
@@ -304,7 +310,7 @@ func (a *app) runTurns(ctx context.Context, r *backup.Runner, turns []turn, n in
 				rd.Update(func(d *report.Domain) { d.Errors = append(d.Errors, msg) })
 			}
 		})
-		err := t.run(ctx, r.For(p, rd))
+		err := t.run(ctx, r.For(t.name, p, rd))
 		if buffered {
 			p.Flush(a.p)
 		}
