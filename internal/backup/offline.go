@@ -4,30 +4,55 @@ import (
 	"context"
 	"strings"
 
+	"github.com/fi-backup/fi-backup/internal/backupdir"
+	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
-// offline copies a domain that is not running with cp -up semantics (mode,
-// owner and times kept). The caller holds the domain's lock.
+// offline handles a domain that is not running, under its lock: a copy
+// with cp -up semantics (mode, owner and times kept), and with -c or -C, for
+// a shut-off domain, a consolidation with qemu-img (blockjob.Offline).
 func (r *Runner) offline(ctx context.Context, dom virt.Domain, before virt.State) error {
 	name := dom.Name()
 	if r.cfg.DumpDir != "" {
 		r.p.Warn("Domain '%s' is not running: no state dump (-s) for it", name)
 	}
-	if r.dir == nil {
-		r.needsBackupDir(name, before)
-		return ErrFailed
-	}
-	if r.cfg.Consolidate {
-		if !r.cfg.AllKeyword {
-			r.p.Err("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
+	refused := false
+	if r.cfg.Consolidate && before != virt.StateShutoff {
+		// QEMU holds a paused domain's images: neither a block job nor
+		// qemu-img may merge them. The old refusal, with an honest exit
+		// code even under "all", where the old tool went on with the copy.
+		r.p.Err("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
+		if !r.cfg.AllKeyword || r.dir == nil {
 			r.p.Err("Skipping consolidation/backup of '%s'", name)
 			return ErrFailed
 		}
-		// Under "all" the old tool went on with the backup and exited 0:
-		// the line is a warning, not an error.
-		r.p.Warn("Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", name, name)
 		r.p.Debug("Doing full backup (not consolidation) of '%s'", name)
+		refused = true
+	}
+	if r.cfg.Snapshot || refused {
+		if err := r.copyOffline(ctx, dom, before); err != nil {
+			return err
+		}
+	}
+	if refused {
+		return ErrFailed
+	}
+	if r.cfg.Consolidate {
+		return r.consolidated(func() error {
+			return r.jobs.Offline(ctx, dom, r.images, r.chains.OfFile, r.chains.Others(ctx, name, false))
+		}, true)
+	}
+	return nil
+}
+
+// copyOffline copies a domain that is not running with cp -up semantics
+// and records its restore point.
+func (r *Runner) copyOffline(ctx context.Context, dom virt.Domain, before virt.State) error {
+	name := dom.Name()
+	if r.dir == nil {
+		r.needsBackupDir(name, before)
+		return ErrFailed
 	}
 	if !r.dir.Exists() {
 		r.p.Err("Backup directory '%s' doesn't exist", r.dir.Path)
@@ -59,14 +84,21 @@ func (r *Runner) offline(ctx context.Context, dom virt.Domain, before virt.State
 			return ErrFailed
 		}
 	}
+	at := r.now()
 	var listed oldFileList
+	var done []copied
 	for i, d := range disks {
 		if chains[i] == nil {
 			continue
 		}
 		r.offlineWalkLines(d.Source, chains[i], &listed)
-		if err := r.dir.CopyChain(ctx, chains[i], true); err != nil {
+		r.act(report.ActionOffline)
+		r.chainsCopied(d.Target, d.Source, chains[i])
+		files, err := r.dir.CopyChain(ctx, name, chains[i], true)
+		if err != nil {
 			failed = true
+		} else {
+			done = append(done, copied{disk: d, top: chains[i][0], chain: chains[i], files: files})
 		}
 		if ctx.Err() != nil {
 			break
@@ -83,7 +115,7 @@ func (r *Runner) offline(ctx context.Context, dom virt.Domain, before virt.State
 	if failed {
 		return ErrFailed
 	}
-	return nil
+	return r.record(ctx, dom, at, backupdir.MethodOffline, all, done, "")
 }
 
 // oldFileList reproduces the list behind the old tool's "All N block files"

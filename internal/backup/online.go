@@ -2,7 +2,10 @@ package backup
 
 import (
 	"context"
+	"time"
 
+	"github.com/fi-backup/fi-backup/internal/backupdir"
+	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"github.com/fi-backup/fi-backup/internal/statedump"
 	"github.com/fi-backup/fi-backup/internal/virt"
@@ -23,7 +26,20 @@ func (r *Runner) online(ctx context.Context, dom virt.Domain) error {
 	}
 	// Read the other domains' chains before any job: a commit must not
 	// write into a file they use, and no file they use may be deleted.
-	if err := r.jobs.Domain(ctx, dom, r.chains.Others(ctx, dom.Name(), true)); err != nil {
+	return r.consolidated(func() error {
+		return r.jobs.Domain(ctx, dom, r.chains.Others(ctx, dom.Name(), true))
+	}, false)
+}
+
+// consolidated runs a consolidation and records it in the report.
+func (r *Runner) consolidated(run func() error, offline bool) error {
+	r.act(report.ActionConsolidate)
+	start := time.Now()
+	err := run()
+	r.note(func(d *report.Domain) {
+		d.Consolidation = &report.Consolidation{Method: string(r.cfg.Method), Offline: offline, Seconds: time.Since(start).Seconds(), OK: err == nil}
+	})
+	if err != nil {
 		return ErrFailed
 	}
 	return nil
@@ -78,6 +94,10 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		defer dump.Close()
 	}
 	r.p.Debug("Snapshotting block devices for '%s' using suffix '%s'", name, snap)
+	r.act(report.ActionSnapshot)
+	if r.cfg.Quiesce {
+		r.act(report.ActionQuiesce)
+	}
 	if err := snapshot.Take(r.p, dom, snap, r.cfg.Quiesce); err != nil {
 		if dump != nil {
 			// No disk snapshot matches the dumped RAM: drop it.
@@ -85,7 +105,13 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		}
 		return ErrFailed
 	}
+	r.note(func(d *report.Domain) { d.Snapshot, d.Quiesced = snap, r.cfg.Quiesce })
 	failed := dump != nil && r.finishDump(dump, true) != nil
+	if dump != nil {
+		r.note(func(d *report.Domain) {
+			d.Dump = &report.Dump{File: dump.Path(), PauseSeconds: dump.Pause().Seconds()}
+		})
+	}
 	release()
 	if r.dir == nil {
 		r.p.Debug("No backup directory specified")
@@ -94,28 +120,32 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		}
 		return nil
 	}
-	if err := r.copyOnline(ctx, dom); err != nil {
-		failed = true
-	}
-	if failed {
+	all, disks, err := r.copyOnline(ctx, dom)
+	if err != nil || failed {
 		return ErrFailed
 	}
-	return nil
+	state := ""
+	if dump != nil {
+		state = dump.Path()
+	}
+	return r.record(ctx, dom, ts, backupdir.MethodSnapshot, all, disks, state)
 }
 
 // copyOnline copies, disk by disk, every file of the chain below the new
-// overlay (read-only from now on, so no pause is needed).
-func (r *Runner) copyOnline(ctx context.Context, dom virt.Domain) error {
+// overlay (read-only from now on, so no pause is needed). It returns the
+// domain's disks and what each snapshotted disk's copy left.
+func (r *Runner) copyOnline(ctx context.Context, dom virt.Domain) ([]virt.Disk, []copied, error) {
 	if !r.dir.Exists() {
 		// The old tool's message when the directory vanished meanwhile.
 		r.p.Err("Backup directory '%s' doesn't exist", r.dir.Path)
-		return ErrFailed
+		return nil, nil, ErrFailed
 	}
 	all, err := dom.Disks()
 	if err != nil {
 		r.p.Err("Cannot read the disks of '%s': %s", dom.Name(), virt.Describe(err))
-		return ErrFailed
+		return nil, nil, ErrFailed
 	}
+	var out []copied
 	failed := false
 	for _, d := range virt.FileDisks(all) {
 		r.p.Debug("Getting all backing files for: '%s'", d.Source)
@@ -125,15 +155,24 @@ func (r *Runner) copyOnline(ctx context.Context, dom virt.Domain) error {
 			continue
 		}
 		r.p.ChainWalk(virt.Paths(d.Chain))
-		if err := r.dir.CopyChain(ctx, d.Chain[1:], false); err != nil {
+		r.act(report.ActionCopy)
+		r.chainsCopied(d.Target, d.Source, d.Chain[1:])
+		files, err := r.dir.CopyChain(ctx, dom.Name(), d.Chain[1:], false)
+		if err != nil {
 			failed = true
 			if ctx.Err() != nil {
 				break
 			}
+			continue
+		}
+		// A disk left out of the snapshot (snapshot='no', read-only) keeps
+		// its active image: what was copied is not a restore point of it.
+		if len(files) > 0 && d.Snapshot != "no" && !d.ReadOnly {
+			out = append(out, copied{disk: d, top: d.Chain[1], chain: d.Chain[1:], files: files})
 		}
 	}
 	if failed {
-		return ErrFailed
+		return nil, nil, ErrFailed
 	}
-	return nil
+	return all, out, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 
+	"github.com/fi-backup/fi-backup/internal/blockjob"
 	"github.com/fi-backup/fi-backup/internal/journal"
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/virt"
@@ -60,6 +61,10 @@ func (r *Runner) recover(dom virt.Domain) error {
 	if err != nil {
 		r.p.Err("Cannot read the state of '%s': %s", name, virt.Describe(err))
 		return ErrFailed
+	}
+	if blockjob.IsOffline(rec.Kind) {
+		ctx := context.Background()
+		return r.jobs.RecoverOffline(ctx, dom, rec, r.chains.OfFile, r.chains.Others(ctx, name, false))
 	}
 	if !running(st) && st != virt.StatePaused {
 		r.clearJournal(name) // no QEMU: no job, no migration

@@ -51,6 +51,15 @@ func image(t *testing.T, path, backing string, pattern byte, off string) virt.Im
 	return virt.Image{Path: path, Format: "qcow2"}
 }
 
+// mustCopy copies a chain for domain "dom" and returns what it records.
+func mustCopy(t *testing.T, d *Dir, chain []virt.Image, preserve bool) []File {
+	t.Helper()
+	files, err := d.CopyChain(context.Background(), "dom", chain, preserve)
+	require.NoError(t, err)
+	require.Len(t, files, len(chain))
+	return files
+}
+
 func readsBack(t *testing.T, image string, pattern byte, off string) bool {
 	t.Helper()
 	out, err := exec.Command("qemu-io", "-r", "-f", "qcow2", "-c", fmt.Sprintf("read -P 0x%02x %s 1M", pattern, off), image).CombinedOutput()
@@ -77,7 +86,7 @@ func TestCopyChainRelativeAndSelfContained(t *testing.T) {
 	host := t.TempDir()
 	base := image(t, filepath.Join(host, "vm.qcow2"), "", 0x11, "0")
 	top := image(t, filepath.Join(host, "vm.bimg-20240101-000001"), base.Path, 0x22, "1M")
-	require.NoError(t, d.CopyChain(context.Background(), []virt.Image{top, base}, false))
+	mustCopy(t, d, []virt.Image{top, base}, false)
 	b, err := qcow2.BackingFile(filepath.Join(d.Path, "vm.bimg-20240101-000001"))
 	require.NoError(t, err)
 	assert.Equal(t, "vm.qcow2", b)
@@ -95,15 +104,15 @@ func TestGenerations(t *testing.T) {
 	host := t.TempDir()
 	base := image(t, filepath.Join(host, "vm.qcow2"), "", 0x11, "0")
 	ov := image(t, filepath.Join(host, "vm.bimg-20240101-000001"), base.Path, 0x22, "1M")
-	require.NoError(t, d.CopyChain(context.Background(), []virt.Image{ov, base}, false))
+	mustCopy(t, d, []virt.Image{ov, base}, false)
 
 	touch(t, base.Path, time.Minute) // touched, not changed
-	require.NoError(t, d.CopyChain(context.Background(), []virt.Image{base}, false))
+	mustCopy(t, d, []virt.Image{base}, false)
 	assert.Empty(t, gens(t, d.Path), "no generation for identical content")
 
 	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x33 2M 1M", base.Path) // a commit into the base
 	touch(t, base.Path, 2*time.Minute)
-	require.NoError(t, d.CopyChain(context.Background(), []virt.Image{base}, false))
+	mustCopy(t, d, []virt.Image{base}, false)
 	g := gens(t, d.Path)
 	require.Len(t, g, 1, "changed content: the previous copy is kept")
 	rp := filepath.Join(d.Path, "vm.bimg-20240101-000001")
@@ -123,10 +132,10 @@ func TestOfflineCascade(t *testing.T) {
 	base := image(t, filepath.Join(host, "base.qcow2"), "", 0x11, "0")
 	top := image(t, filepath.Join(host, "top.qcow2"), base.Path, 0x22, "1M")
 	chain := []virt.Image{top, base}
-	require.NoError(t, d.CopyChain(context.Background(), chain, true))
+	mustCopy(t, d, chain, true)
 	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x44 3M 1M", base.Path)
 	touch(t, base.Path, time.Minute)
-	require.NoError(t, d.CopyChain(context.Background(), chain, true))
+	mustCopy(t, d, chain, true)
 	g := gens(t, d.Path)
 	require.Len(t, g, 2, "both the base's and the top's previous copies: %v", g)
 	var oldTop string
@@ -154,7 +163,7 @@ func TestAdmit(t *testing.T) {
 	require.NoError(t, d.Admit("dom", []string{a.Path}, none))
 	assert.ErrorIs(t, d.Admit("dom2", []string{other}, none), ErrFailed)
 	assert.Contains(t, out.String(), "would both be backed up as '"+filepath.Join(d.Path, "disk.qcow2")+"'")
-	require.NoError(t, d.CopyChain(context.Background(), []virt.Image{a}, false))
+	mustCopy(t, d, []virt.Image{a}, false)
 
 	// Across runs: the copy records its source.
 	d2 := &Dir{Path: d.Path, P: d.P, Tool: d.Tool}
@@ -213,12 +222,12 @@ func TestNarrowModeFailureIsReported(t *testing.T) {
 	d, out := newDir(t)
 	src := image(t, filepath.Join(t.TempDir(), "disk.qcow2"), "", 0, "")
 	require.NoError(t, os.Chmod(src.Path, 0o644))
-	require.NoError(t, d.CopyChain(context.Background(), []virt.Image{src}, true))
+	mustCopy(t, d, []virt.Image{src}, true)
 	dst := filepath.Join(d.Path, "disk.qcow2")
 	require.NoError(t, os.Chmod(src.Path, 0o600))
 	run(t, "chattr", "+i", dst)
 	t.Cleanup(func() { _ = exec.Command("chattr", "-i", dst).Run() })
-	require.NoError(t, d.CopyChain(context.Background(), []virt.Image{src}, true))
+	mustCopy(t, d, []virt.Image{src}, true)
 	assert.Contains(t, out.String(), "[WAR] Could not narrow the mode of '"+dst+"' to its source's (0600): ")
 }
 
@@ -231,7 +240,7 @@ func TestUnreadableBackingReferenceIsReported(t *testing.T) {
 	base := image(t, filepath.Join(host, "base.qcow2"), "", 0, "")
 	top := image(t, filepath.Join(host, "top.qcow2"), base.Path, 0, "")
 	chain := []virt.Image{top, base}
-	require.NoError(t, d.CopyChain(context.Background(), chain, true))
+	mustCopy(t, d, chain, true)
 	dst := filepath.Join(d.Path, "top.qcow2")
 	f, err := os.OpenFile(dst, os.O_RDWR, 0)
 	require.NoError(t, err)
@@ -243,6 +252,6 @@ func TestUnreadableBackingReferenceIsReported(t *testing.T) {
 	st, err := os.Stat(top.Path)
 	require.NoError(t, err)
 	require.NoError(t, os.Chtimes(dst, st.ModTime(), st.ModTime()))
-	require.NoError(t, d.CopyChain(context.Background(), chain, true))
+	mustCopy(t, d, chain, true)
 	assert.Contains(t, out.String(), "[WAR] Cannot read the backing reference of '"+dst+"': ")
 }

@@ -3,12 +3,14 @@ package backupdir
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/fi-backup/fi-backup/internal/copyfile"
+	"github.com/fi-backup/fi-backup/internal/progress"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
@@ -18,41 +20,92 @@ import (
 // is rewritten, and an interrupted run leaves a consistent prefix. preserve
 // selects cp -up (offline: mode, owner and times kept) over cp -u. The
 // first failure stops the chain: a copy above it would depend on a stale or
-// missing parent.
-func (d *Dir) CopyChain(ctx context.Context, imgs []virt.Image, preserve bool) error {
+// missing parent. It returns the copies that hold the chain now, top first,
+// as a manifest records them.
+func (d *Dir) CopyChain(ctx context.Context, domain string, imgs []virt.Image, preserve bool) ([]File, error) {
 	d.cleanTemps()
+	if err := d.FinishPending(domain); err != nil {
+		d.P.Err("Cannot bring the manifests of '%s' up to date: %v", d.Path, err)
+		return nil, ErrFailed
+	}
+	merged := d.mergedSources(domain)
+	var files []File // base first
+	var below *File
 	parentReplaced := false
 	for i := len(imgs) - 1; i >= 0; i-- {
 		if err := ctx.Err(); err != nil {
 			d.P.Err("Copy of '%s' interrupted", imgs[i].Path)
-			return err
+			return nil, err
+		}
+		if rec, ok := merged[imgs[i].Path]; ok && below != nil && !parentReplaced && rec.Into == below.Name && rec.current() {
+			d.P.Debug("'%s' was merged into '%s' by --keep and has not changed: not copied again", imgs[i].Path, rec.Into)
+			d.observe(CopyEvent{Domain: domain, Source: imgs[i].Path, Dest: filepath.Join(d.Path, rec.Into), Reason: "merged into " + rec.Into + " by --keep"})
+			continue
 		}
 		var parent *virt.Image
 		if i+1 < len(imgs) {
 			parent = &imgs[i+1]
 		}
-		var err error
-		parentReplaced, err = d.copyOne(ctx, imgs[i], parent, preserve, parentReplaced)
+		f, replaced, err := d.copyOne(ctx, domain, imgs[i], parent, below, preserve, parentReplaced)
 		if err != nil {
-			return ErrFailed
+			return nil, ErrFailed
 		}
+		files = append(files, f)
+		below, parentReplaced = &files[len(files)-1], replaced
 	}
-	return nil
+	d.forgetStaleMerged(domain)
+	for i, j := 0, len(files)-1; i < j; i, j = i+1, j-1 {
+		files[i], files[j] = files[j], files[i]
+	}
+	return files, nil
 }
 
-// copyOne copies one chain file. parentReplaced says the parent's copy got
+// describe is what a manifest records of the copy name of src.
+func (d *Dir) describe(name string, src virt.Image, sum string) (File, error) {
+	p := filepath.Join(d.Path, name)
+	format, vsize, err := qcow2.VirtualSize(p)
+	if err != nil {
+		return File{}, err
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		return File{}, err
+	}
+	if sum == "" {
+		if sum, _, err = d.fileHash(name); err != nil {
+			return File{}, err
+		}
+	}
+	if src.Format != "" {
+		format = src.Format
+	}
+	return File{Name: name, Source: src.Path, Size: st.Size(), VirtualSize: vsize, Format: format, SHA256: sum}, nil
+}
+
+// copyOne copies one chain file: parent is its backing file on the host,
+// below the copy its copy must reference (the parent's, or the file the
+// parent was merged into by --keep). parentReplaced says the copy below got
 // new content in this run (its old content kept as a generation): then the
 // existing copy of src, whose data only means something on top of the old
-// parent, is kept as a generation too and src is copied again, even when src
-// itself did not change. replaced reports the same for src.
-func (d *Dir) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, preserve, parentReplaced bool) (replaced bool, err error) {
+// one, is kept as a generation too and src is copied again, even when src
+// itself did not change. So is a copy that references another file than
+// below. replaced reports the same for src.
+func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent *virt.Image, below *File, preserve, parentReplaced bool) (f File, replaced bool, err error) {
 	dst := d.Destination(src.Path)
+	name := filepath.Base(dst)
 	if !preserve {
 		d.P.Verb("Copy backing file '%s' to '%s'", src.Path, dst)
 	}
-	fail := func(format string, a ...any) (bool, error) {
+	fail := func(format string, a ...any) (File, bool, error) {
 		d.P.Err(format, a...)
-		return false, ErrFailed
+		return File{}, false, ErrFailed
+	}
+	done := func(replaced bool, sum string) (File, bool, error) {
+		f, err := d.describe(name, src, sum)
+		if err != nil {
+			return fail("Unable to read the copy '%s': %v", dst, err)
+		}
+		return f, replaced, nil
 	}
 	if err := d.claim(dst, src.Path); err != nil {
 		return fail("%v", err)
@@ -75,22 +128,39 @@ func (d *Dir) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, p
 	if !need && parentReplaced {
 		need, reason = true, "its parent's copy was replaced"
 	}
-	d.P.Debug("'%s': %s", dst, reason)
-	backing := ""
-	if parent != nil {
-		backing = filepath.Base(parent.Path)
+	backing, backingFormat := "", ""
+	if below != nil {
+		backing, backingFormat = below.Name, below.Format
 	}
+	if !need && parent != nil {
+		if cur, err := qcow2.BackingFile(dst); err == nil && cur != backing && cur != parent.Path {
+			need, reason = true, fmt.Sprintf("its copy references '%s', not '%s'", cur, backing)
+		}
+	}
+	d.P.Debug("'%s': %s", dst, reason)
 	if !need {
+		d.observe(CopyEvent{Domain: domain, Source: src.Path, Dest: dst, Reason: reason})
 		d.narrowMode(dst, dstInfo, sst)
-		return false, d.fixBacking(ctx, dst, backing, parent, preserve)
+		if err := d.fixBacking(ctx, dst, backing, backingFormat, parent, preserve); err != nil {
+			return File{}, false, err
+		}
+		return done(false, "")
 	}
 	start := time.Now()
+	var bar *progress.Bar
+	if d.Bar != nil {
+		bar = d.Bar(src.Path, allocated(src.Path))
+		defer bar.Done()
+	}
 	st, err := copyfile.Copy(ctx, src.Path, dst, copyfile.Options{
 		Preserve: preserve,
 		Limit:    d.Limit,
+		// The manifest's checksum, taken while the copy is fsynced
+		// instead of reading the copy again afterwards.
+		Hash: true,
 		Prepare: func(tmp string) error {
-			if parent != nil {
-				if err := qcow2.SetBacking(tmp, backing, parent.Format); err != nil {
+			if below != nil {
+				if err := d.setBacking(ctx, tmp, backing, backingFormat); err != nil {
 					return err
 				}
 			}
@@ -113,7 +183,7 @@ func (d *Dir) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, p
 				return nil
 			}
 			replaced = true
-			return d.keepGeneration(ctx, dst, src, dstInfo)
+			return d.keepGeneration(ctx, domain, dst, src, dstInfo)
 		},
 	})
 	if err != nil {
@@ -122,8 +192,12 @@ func (d *Dir) copyOne(ctx context.Context, src virt.Image, parent *virt.Image, p
 		}
 		return fail("Unable to copy '%s' to '%s': %v", src.Path, dst, err)
 	}
-	d.P.Debug("Copied %d bytes of '%s' in %.3fs", st.Bytes, src.Path, time.Since(start).Seconds())
-	return replaced, nil
+	took := time.Since(start).Seconds()
+	d.P.Debug("Copied %d bytes of '%s' in %.3fs", st.Bytes, src.Path, took)
+	d.observe(CopyEvent{Domain: domain, Source: src.Path, Dest: dst, Copied: true, Reason: reason, Bytes: st.Bytes, Seconds: took})
+	f, replaced, err = done(replaced, st.SHA256)
+	f.Copied = err == nil
+	return f, replaced, err
 }
 
 // narrowMode keeps an up-to-date copy from staying more readable than its
@@ -141,7 +215,7 @@ func (d *Dir) narrowMode(dst string, dstInfo, src os.FileInfo) {
 // records its parent's absolute host path, reference its parent copy by
 // relative name. Relative references (this tool's, including the ones to
 // kept generations) are never touched.
-func (d *Dir) fixBacking(ctx context.Context, dst, backing string, parent *virt.Image, preserve bool) error {
+func (d *Dir) fixBacking(ctx context.Context, dst, backing, format string, parent *virt.Image, preserve bool) error {
 	if parent == nil {
 		return nil
 	}
@@ -158,7 +232,7 @@ func (d *Dir) fixBacking(ctx context.Context, dst, backing string, parent *virt.
 		d.P.Warn("Cannot read the backing reference of '%s': %v", dst, err)
 		return nil
 	}
-	if err := qcow2.SetBacking(dst, backing, parent.Format); err != nil {
+	if err := d.setBacking(ctx, dst, backing, format); err != nil {
 		d.P.Err("Unable to point '%s' at '%s': %v", dst, backing, err)
 		return ErrFailed
 	}
@@ -180,4 +254,23 @@ func atime(st os.FileInfo) time.Time {
 		return time.Unix(s.Atim.Sec, s.Atim.Nsec)
 	}
 	return st.ModTime()
+}
+
+// setBacking rewrites a copy's backing reference as qemu-img rebase -u
+// does, natively (qcow2.SetBacking writes the same bytes, without a
+// process per copy). A reference without a format is left to qemu-img,
+// which probes the backing file's format itself.
+func (d *Dir) setBacking(ctx context.Context, path, backing, format string) error {
+	if backing != "" && format == "" {
+		return d.Tool.Rebase(ctx, path, backing, format)
+	}
+	return qcow2.SetBacking(path, backing, format)
+}
+
+func backingOf(path string) (string, error) { return qcow2.BackingFile(path) }
+
+func (d *Dir) observe(ev CopyEvent) {
+	if d.Observe != nil {
+		d.Observe(ev)
+	}
 }

@@ -29,32 +29,52 @@ import (
 // is atomic.
 
 // keepGeneration saves the copy at dst, which is about to be replaced by a
-// newer version of its source, under a generation name, and points every
-// backup file that depends on it at that name.
-func (d *Dir) keepGeneration(ctx context.Context, dst string, src virt.Image, old os.FileInfo) error {
+// newer version of its source, under a generation name, points every
+// backup file that depends on it at that name, and rewrites the manifests
+// that name it or its dependants — one step that survives a crash (see
+// Pending). A copy nothing needs (no dependant, no manifest naming it, in a
+// directory where the domain's restore points have manifests) is simply
+// replaced.
+func (d *Dir) keepGeneration(ctx context.Context, domain, dst string, src virt.Image, old os.FileInfo) error {
+	name := filepath.Base(dst)
+	deps, err := dependants(d.Path, name, src.Path)
+	if err != nil {
+		return err
+	}
+	if len(deps) == 0 && !d.named(domain, name) {
+		d.P.Debug("'%s': no restore point needs the previous copy: no generation kept", dst)
+		return nil
+	}
 	gen, err := generationName(dst, old)
 	if err != nil {
 		return err
 	}
-	if err := os.Link(dst, gen); err != nil && !errors.Is(err, os.ErrExist) {
-		return err
-	}
-	d.P.Info("Keeping the previous copy of '%s' as '%s' for the restore points that depend on it", filepath.Base(dst), filepath.Base(gen))
-	deps, err := dependants(d.Path, filepath.Base(dst), src.Path)
-	if err != nil {
-		return err
-	}
+	d.P.Info("Keeping the previous copy of '%s' as '%s' for the restore points that depend on it", name, filepath.Base(gen))
+	p := Pending{Links: [][2]string{{name, filepath.Base(gen)}}, Renames: map[string]string{name: filepath.Base(gen)}}
 	for _, dep := range deps {
-		st, _ := os.Stat(dep)
-		if err := qcow2.SetBacking(dep, filepath.Base(gen), src.Format); err != nil {
-			return err
-		}
-		if st != nil { // keep the dependant's time so cp -u decisions do not change
-			d.keepTimes(dep, st)
-		}
+		p.Rebases = append(p.Rebases, Rebase{File: filepath.Base(dep), Backing: filepath.Base(gen), Format: src.Format})
+		p.Rehash = append(p.Rehash, filepath.Base(dep))
 		d.P.Debug("'%s' now depends on '%s'", dep, gen)
 	}
-	return nil
+	return d.apply(ctx, domain, p)
+}
+
+// named reports whether a restore point of the domain needs the file: a
+// manifest names it, or the domain has no manifest at all (a directory of
+// the old tool, whose every copy was a restore point).
+func (d *Dir) named(domain, name string) bool {
+	ms := d.Manifests(domain, nil)
+	if len(ms) == 0 {
+		return true
+	}
+	for _, m := range ms {
+		for _, f := range m.Files() {
+			if f == name {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // generationName is dst + ".gen-<mtime of the old copy>"; a name already

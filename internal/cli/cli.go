@@ -13,14 +13,18 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
+	"unicode"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/fi-backup/fi-backup/internal/backup"
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/progress"
+	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
@@ -43,7 +47,10 @@ type Env struct {
 
 type app struct {
 	Env
-	p *logging.Printer
+	p   *logging.Printer
+	rep *report.Run // --report or --textfile_dir; nil: none
+	ui  *progress.UI
+	o   *Options // once parsed
 }
 
 // Main runs fi-backup with the real environment and returns the exit code.
@@ -85,7 +92,11 @@ func Run(ctx context.Context, env Env, args []string) int {
 	if a.Now == nil {
 		a.Now = time.Now
 	}
-	a.p = logging.New(env.Stdout, false, false)
+	// On a terminal, stderr shows the copies and jobs as they go.
+	ui, logTo := progress.Start(env.Stdout, env.Stderr)
+	defer ui.Stop()
+	a.ui = ui
+	a.p = logging.New(logTo, false, false)
 	ctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
 	if env.Signals != nil {
@@ -93,15 +104,44 @@ func Run(ctx context.Context, env Env, args []string) int {
 	}
 	err := a.run(ctx, args)
 	var se signalError
+	signal := ""
 	if errors.As(context.Cause(ctx), &se) {
 		a.p.Err("Interrupted by %s: stopped after cleaning up", unix.SignalName(se.sig))
 		err = errors.Join(err, se)
+		signal = unix.SignalName(se.sig)
+	}
+	if a.rep != nil && !a.writeReport(exitCode(err), signal) {
+		err = errors.Join(err, errReport)
 	}
 	if werr := a.p.WriteErr(); werr != nil {
 		fmt.Fprintf(a.Stderr, "fi-backup: output lost: %v\n", werr)
 		err = errors.Join(err, errOutputLost)
 	}
 	return exitCode(err)
+}
+
+// writeReport writes the --report document and the --textfile_dir
+// metrics of the run that ends with code; a failure is an [ERR] (the
+// backups themselves happened).
+func (a *app) writeReport(code int, signal string) bool {
+	if code == ExitOK && a.p.WriteErr() != nil {
+		code = ExitFailure
+	}
+	a.rep.Finish(a.Now(), code, signal)
+	ok := true
+	if a.o.Report != "" {
+		if err := a.rep.WriteFile(a.o.Report); err != nil {
+			a.p.Err("Cannot write the report '%s': %v", a.o.Report, err)
+			ok = false
+		}
+	}
+	if a.o.TextfileDir != "" {
+		if err := a.rep.WriteMetrics(a.o.TextfileDir); err != nil {
+			a.p.Err("Cannot write the metrics into '%s': %v", a.o.TextfileDir, err)
+			ok = false
+		}
+	}
+	return ok
 }
 
 // watchSignals: the first SIGINT/SIGTERM cancels the run, which then cleans
@@ -145,6 +185,18 @@ func (a *app) run(ctx context.Context, args []string) error {
 	if o.AllRunning {
 		a.p.Debug("all_running_domains = '1' so all running domains will be backed up")
 	}
+	if err := a.checkCommand(o); err != nil {
+		return err
+	}
+	a.o = o
+	if o.Report != "" || o.TextfileDir != "" {
+		a.rep = report.New("fi-backup "+Version, args, a.Now())
+		a.p.SetTap(func(prefix, msg string) {
+			if prefix == "[ERR] " {
+				a.rep.Error(msg)
+			}
+		})
+	}
 	var hyp virt.Hypervisor
 	var connErr error
 	connect := func() {
@@ -185,6 +237,9 @@ func (a *app) run(ctx context.Context, args []string) error {
 			names = append(names, arg)
 		}
 	}
+	if o.Command != "" {
+		return a.command(ctx, o, names, hyp, qemuImg)
+	}
 	if len(names) == 0 && !o.AllRunning {
 		a.usage("<domain name> is missing!")
 		return errNoDomain
@@ -195,24 +250,211 @@ func (a *app) run(ctx context.Context, args []string) error {
 	}
 	r := backup.New(a.config(o, names), backup.Env{
 		P: a.p, Hyp: hyp, Prog: a.Prog, Now: a.Now, LockDir: a.LockDir, QemuImg: qemuImg, PollEvery: a.PollEvery,
+		Tool: "fi-backup " + Version, Progress: a.ui,
 	})
 	// A guest a killed -s run left paused is resumed before the domains
 	// are listed, so that -r and all find it running again.
 	r.RecoverAll(ctx)
-	sel := a.selectDomains(hyp, names, o.AllRunning)
+	var prunable func(string) bool
+	if o.Keep > 0 {
+		prunable = r.HasPoints
+	}
+	sel := a.selectDomains(hyp, names, o.AllRunning, prunable)
 	var failed error
 	if sel.failed {
 		failed = backup.ErrFailed
 	}
-	for _, d := range append(sel.running, sel.offline...) {
-		if ctx.Err() != nil {
-			break
-		}
-		if err := r.Run(ctx, d.name, d.state); err != nil {
-			failed = backup.ErrFailed
+	if a.rep != nil {
+		for _, n := range sel.missing {
+			a.rep.Domain(n, report.ResultMissing, a.Now()).Finish(a.Now(), report.ResultMissing)
 		}
 	}
+	turns := make([]turn, 0, len(sel.running)+len(sel.offline)+len(sel.gone))
+	for _, d := range append(sel.running, sel.offline...) {
+		turns = append(turns, turn{name: d.name, state: d.state.String(), run: func(ctx context.Context, r *backup.Runner) error {
+			return r.Run(ctx, d.name, d.state)
+		}})
+	}
+	for _, name := range sel.gone {
+		turns = append(turns, turn{name: name, state: report.ResultMissing, run: func(ctx context.Context, r *backup.Runner) error {
+			return r.PruneGone(ctx, name)
+		}})
+	}
+	if !a.runTurns(ctx, r, turns, o.Parallel) {
+		failed = backup.ErrFailed
+	}
 	return failed
+}
+
+// turn is one domain's part of the run.
+type turn struct {
+	name, state string
+	run         func(context.Context, *backup.Runner) error
+}
+
+// runTurns runs the domains' turns, up to n at once, and reports whether
+// all succeeded. With n = 1 they run in order and print as they go, as the
+// old tool did; with more, each turn's lines are kept and printed as one
+// block when it ends (in the order the turns end), so that no two domains'
+// lines interleave. Locks, journals and the exit code work the same way.
+func (a *app) runTurns(ctx context.Context, r *backup.Runner, turns []turn, n int) bool {
+	var mu sync.Mutex
+	ok := true
+	one := func(t turn, buffered bool) {
+		var rd *report.Domain
+		if a.rep != nil {
+			rd = a.rep.Domain(t.name, t.state, a.Now())
+		}
+		p := a.p.Child(buffered, func(prefix, msg string) {
+			if rd != nil && prefix == "[ERR] " {
+				rd.Update(func(d *report.Domain) { d.Errors = append(d.Errors, msg) })
+			}
+		})
+		err := t.run(ctx, r.For(t.name, p, rd))
+		if buffered {
+			p.Flush(a.p)
+		}
+		if rd != nil {
+			result := report.ResultOK
+			switch {
+			case err != nil && ctx.Err() != nil:
+				result = report.ResultInterrupted
+			case err != nil:
+				result = report.ResultFailed
+			}
+			rd.Finish(a.Now(), result)
+		}
+		if err != nil {
+			mu.Lock()
+			ok = false
+			mu.Unlock()
+		}
+	}
+	skipped := func(rest []turn) {
+		for _, t := range rest {
+			if a.rep != nil {
+				a.rep.Domain(t.name, t.state, a.Now()).Finish(a.Now(), report.ResultNotStarted)
+			}
+		}
+	}
+	if n <= 1 {
+		for i, t := range turns {
+			if ctx.Err() != nil {
+				skipped(turns[i:])
+				break
+			}
+			one(t, false)
+		}
+		return ok
+	}
+	slots := make(chan struct{}, n)
+	var wg sync.WaitGroup
+	for i, t := range turns {
+		slots <- struct{}{}
+		if ctx.Err() != nil {
+			<-slots
+			skipped(turns[i:])
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-slots }()
+			one(t, true)
+		}()
+	}
+	wg.Wait()
+	return ok
+}
+
+// checkCommand refuses options that make no sense with --list, --verify
+// or --restore (or those commands' own options without them).
+func (a *app) checkCommand(o *Options) error {
+	if o.Command == "" {
+		switch {
+		case o.Keep > 0 && o.BackupDir == "":
+			return a.usageErr("--keep requires -b <directory>")
+		case o.Keep > 0 && o.Consolidate && !o.Snapshot:
+			return a.usageErr("--keep and consolidation only (-c) are not compatible")
+		case o.TargetDir != "":
+			return a.usageErr("--target_dir only works with --restore")
+		case o.Format != "":
+			return a.usageErr("--format only works with --list")
+		}
+		return nil
+	}
+	c := "--" + o.Command
+	switch {
+	case o.BackupDir == "":
+		return a.usageErr(c + " requires -b <directory>")
+	case o.Consolidate:
+		return a.usageErr(c + " and consolidation (-c | -C) are not compatible")
+	case o.DumpDir != "":
+		return a.usageErr(c + " and dump state (-s) are not compatible")
+	case o.Quiesce:
+		return a.usageErr(c + " and quiesce (-q) are not compatible")
+	case o.MethodSet:
+		return a.usageErr(c + " and -m are not compatible")
+	case o.AllRunning:
+		return a.usageErr(c + " and all_running (-r) are not compatible")
+	case o.Keep > 0:
+		return a.usageErr(c + " and --keep are not compatible")
+	case o.Report != "":
+		return a.usageErr(c + " and --report are not compatible")
+	case o.TextfileDir != "":
+		return a.usageErr(c + " and --textfile_dir are not compatible")
+	case o.Parallel > 1:
+		return a.usageErr(c + " and --parallel are not compatible")
+	case o.Format != "" && o.Command != "list":
+		return a.usageErr("--format only works with --list")
+	case o.TargetDir != "" && o.Command != "restore":
+		return a.usageErr("--target_dir only works with --restore")
+	case o.Command == "restore" && o.TargetDir == "":
+		return a.usageErr("--restore requires --target_dir <directory>")
+	}
+	return nil
+}
+
+// command runs --list, --verify or --restore.
+func (a *app) command(ctx context.Context, o *Options, args []string, hyp virt.Hypervisor, qemuImg string) error {
+	var names []string
+	for _, arg := range args {
+		if arg == "all" {
+			continue // every domain of the directory, as with no name
+		}
+		if strings.ContainsFunc(arg, unicode.IsSpace) && domainExists(hyp, arg) {
+			names = append(names, arg)
+			continue
+		}
+		names = append(names, strings.Fields(arg)...)
+	}
+	r := backup.New(a.config(o, nil), backup.Env{
+		P: a.p, Hyp: hyp, Prog: a.Prog, Now: a.Now, LockDir: a.LockDir, QemuImg: qemuImg, Tool: "fi-backup " + Version,
+	})
+	var err error
+	switch o.Command {
+	case "list":
+		format := backup.ListText
+		if o.Format == "json" {
+			format = backup.ListJSON
+		}
+		err = r.List(ctx, names, format)
+	case "verify":
+		err = r.Verify(ctx, names)
+	case "restore":
+		switch {
+		case len(names) == 0:
+			a.usage("<domain name> is missing!")
+			return errNoDomain
+		case len(names) > 1:
+			return a.usageErr("--restore takes exactly one domain")
+		}
+		err = r.Restore(ctx, names[0], o.RestoreAt, o.TargetDir)
+	}
+	if err != nil {
+		return backup.ErrFailed
+	}
+	return nil
 }
 
 // config is the run's settings: the options, the domain arguments and the
@@ -220,7 +462,7 @@ func (a *app) run(ctx context.Context, args []string) error {
 func (a *app) config(o *Options, names []string) backup.Config {
 	cfg := backup.Config{
 		BackupDir: o.BackupDir, DumpDir: o.DumpDir, Snapshot: o.Snapshot, Consolidate: o.Consolidate,
-		Method: o.Method, Quiesce: o.Quiesce, JobTimeout: o.JobTimeout, RateLimit: o.RateLimit,
+		Method: o.Method, Quiesce: o.Quiesce, JobTimeout: o.JobTimeout, RateLimit: o.RateLimit, Keep: o.Keep,
 	}
 	for _, n := range names {
 		if n == "all" {
@@ -237,6 +479,7 @@ func (a *app) config(o *Options, names []string) backup.Config {
 			a.p.Warn("Ignoring FI_BACKUP_DUMP_TIMEOUT='%s': not a positive duration", v)
 		}
 	}
+	cfg.KillAt = a.Getenv("FI_BACKUP_TEST_KILL_AT")
 	if v := a.Getenv("FI_BACKUP_TEST_DUMP_BANDWIDTH"); v != "" {
 		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n > 0 {
 			cfg.DumpBandwidth = n

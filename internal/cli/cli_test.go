@@ -26,6 +26,7 @@ type harness struct {
 	env       map[string]string
 	lockDir   string
 	connErr   error
+	mu        sync.Mutex
 	snapshots []string
 }
 
@@ -33,7 +34,9 @@ func newHarness(t *testing.T, states map[string]virt.State) *harness {
 	h := &harness{fake: virttest.New(states), env: map[string]string{}, lockDir: t.TempDir()}
 	h.env["FI_BACKUP_QEMU_IMG"] = fakeQemuImg(t, "7.2.22")
 	h.fake.Snapshot = func(name string, spec virt.SnapshotSpec) error {
+		h.mu.Lock()
 		h.snapshots = append(h.snapshots, name+"@"+spec.Name)
+		h.mu.Unlock()
 		return nil
 	}
 	return h
@@ -106,6 +109,15 @@ var wantUsage = `   fi-backup version ` + Version + ` - Go reimplementation of f
       --all_running --dump_state_dir --debug --help --verbose --version
       --job_timeout <duration>   Consolidation job timeout (default 30m)
       --rate_limit <rate>        Copy and consolidate at most <rate> bytes/s (K, M, G suffixes)
+      --keep <n>                 Keep only the <n> newest restore points of each domain in -b
+      --report <file>            Write a JSON report of the run to <file> at its end
+      --textfile_dir <directory> Write Prometheus metrics fi-backup-<domain>.prom into <directory>
+      --parallel <n>             Back up to <n> domains at once (default 1)
+      --list                     List the restore points in the backup directory (-b)
+      --verify                   Verify the restore points in the backup directory (-b)
+      --restore <moment>         Restore the point YYYYMMDD-HHMMSS (or latest) of one domain
+      --target_dir <directory>   Where --restore writes the restored domain
+      --format <format>          --list output: text (default) or json
 
    Version Requirements:
       qemu_img >= 1.2.0
@@ -157,6 +169,26 @@ func TestExitCodeTable(t *testing.T) {
 		{name: "getopt missing argument", args: []string{"dom", "-b"}, code: 1, stdout: "-", stderr: "fi-backup: option requires an argument -- 'b'\nFailed parsing options.\n"},
 		{name: "getopt reports all errors", args: []string{"-x", "--foo"}, code: 1, stdout: "-", stderr: "fi-backup: invalid option -- 'x'\nfi-backup: unrecognized option '--foo'\nFailed parsing options.\n"},
 		{name: "experimental line always shown", args: []string{"dom"}, code: 0, stdout: "[INF] libVirt version '9.0.0' support is experimental\n"},
+		{name: "list needs -b", args: []string{"--list"}, code: 1, stdout: usageWith("--list requires -b <directory>")},
+		{name: "list and -s", args: []string{"--list", "-b", dir, "-s", dir}, code: 1, stdout: usageWith("--list and dump state (-s) are not compatible")},
+		{name: "verify and -c", args: []string{"--verify", "-b", dir, "-c"}, code: 1, stdout: usageWith("--verify and consolidation (-c | -C) are not compatible")},
+		{name: "restore and -r", args: []string{"--restore=latest", "--target_dir", dir, "-b", dir, "-r"}, code: 1, stdout: usageWith("--restore and all_running (-r) are not compatible")},
+		{name: "restore and -q", args: []string{"--restore=latest", "--target_dir", dir, "-b", dir, "-q", "dom"}, code: 1, stdout: usageWith("--restore and quiesce (-q) are not compatible")},
+		{name: "restore needs a target", args: []string{"--restore=latest", "-b", dir, "dom"}, code: 1, stdout: usageWith("--restore requires --target_dir <directory>")},
+		{name: "restore moment", args: []string{"--restore=yesterday", "--target_dir", dir, "-b", dir, "dom"}, code: 1, stdout: usageWith("--restore requires a moment YYYYMMDD-HHMMSS or 'latest'")},
+		{name: "restore no domain", args: []string{"--restore=latest", "--target_dir", dir, "-b", dir}, code: 2, contains: []string{"[ERR] <domain name> is missing!"}},
+		{name: "restore two domains", args: []string{"--restore=latest", "--target_dir", dir, "-b", dir, "a b"}, code: 1, contains: []string{"[ERR] --restore takes exactly one domain"}},
+		{name: "two commands", args: []string{"--list", "--verify", "-b", dir}, code: 1, stdout: usageWith("--list, --verify and --restore are not compatible with each other")},
+		{name: "format without list", args: []string{"--format=json", "dom"}, code: 1, stdout: usageWith("--format only works with --list")},
+		{name: "format value", args: []string{"--list", "--format=xml", "-b", dir}, code: 1, stdout: usageWith("--format requires 'text' or 'json'")},
+		{name: "target_dir without restore", args: []string{"--target_dir", dir, "dom"}, code: 1, stdout: usageWith("--target_dir only works with --restore")},
+		{name: "keep zero", args: []string{"--keep=0", "-b", dir, "dom"}, code: 1, stdout: usageWith("--keep requires a number of restore points, at least 1")},
+		{name: "keep negative", args: []string{"--keep", "-1", "-b", dir, "dom"}, code: 1, stdout: usageWith("--keep requires a number of restore points, at least 1")},
+		{name: "keep not a number", args: []string{"--keep=abc", "-b", dir, "dom"}, code: 1, stdout: usageWith("--keep requires a number of restore points, at least 1")},
+		{name: "keep without -b", args: []string{"--keep=3", "dom"}, code: 1, stdout: usageWith("--keep requires -b <directory>")},
+		{name: "keep with -c", args: []string{"--keep=3", "-c", "-b", dir, "dom"}, code: 1, stdout: usageWith("--keep and consolidation only (-c) are not compatible")},
+		{name: "keep with list", args: []string{"--keep=3", "--list", "-b", dir}, code: 1, stdout: usageWith("--list and --keep are not compatible")},
+		{name: "list of an empty directory", args: []string{"--list", "-b", dir}, code: 0, stdout: "[INF] libVirt version '9.0.0' support is experimental\nDOMAIN  MOMENT  METHOD  DISKS  OWN  FLAGS  MANIFEST  FILES\n"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -310,16 +342,27 @@ func TestStatesAndAll(t *testing.T) {
 	assert.Contains(t, so, "[DEB] Domains NOTRUNNING to backup: \n[DEB] Domains RUNNING to backup: run\n")
 }
 
+// TestOfflineWithConsolidation: a shut-off domain is consolidated offline
+// (nothing to merge on the fake: exit 0, no refusal); a paused one keeps
+// the old refusal, with exit 1 even under all, where the copy still runs.
 func TestOfflineWithConsolidation(t *testing.T) {
 	h := newHarness(t, map[string]virt.State{"off": virt.StateShutoff})
-	so, _, code := h.run(t, "-c", "-b", t.TempDir(), "off")
-	assert.Equal(t, 1, code)
-	assert.Contains(t, so, "[ERR] Consolidation only works with running domains. 'off' is not running! Doing full backup only of 'off'\n[ERR] Skipping consolidation/backup of 'off'\n")
+	so, _, code := h.run(t, "-d", "-c", "off")
+	assert.Equal(t, 0, code, "-c on a shut-off domain needs no -b")
+	assert.NotContains(t, so, "Consolidation only works with running domains")
+	assert.Contains(t, so, "[DEB] Consolidation method: blockcommit (offline, with qemu-img: 'off' is shut off)\n")
 
-	h = newHarness(t, map[string]virt.State{"off": virt.StateShutoff})
-	so, _, code = h.run(t, "-d", "-c", "-b", t.TempDir(), "all")
-	assert.Equal(t, 0, code)
-	assert.Contains(t, so, "[DEB] Doing full backup (not consolidation) of 'off'\n")
+	h = newHarness(t, map[string]virt.State{"p": virt.StatePaused})
+	so, _, code = h.run(t, "-c", "-b", t.TempDir(), "p")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, so, "[ERR] Consolidation only works with running domains. 'p' is not running! Doing full backup only of 'p'\n[ERR] Skipping consolidation/backup of 'p'\n")
+
+	h = newHarness(t, map[string]virt.State{"p": virt.StatePaused})
+	so, _, code = h.run(t, "-d", "-C", "-b", t.TempDir(), "all")
+	assert.Equal(t, 1, code, "the refusal is an error under all too")
+	assert.Contains(t, so, "[ERR] Consolidation only works with running domains. 'p' is not running! Doing full backup only of 'p'\n")
+	assert.Contains(t, so, "[DEB] Doing full backup (not consolidation) of 'p'\n")
+	assert.Contains(t, so, "All 0 block files for 'p'", "the copy still runs")
 }
 
 // TestB4B6Locking: contention is a failure with the old message; an
@@ -440,7 +483,7 @@ func TestDomainOrder(t *testing.T) {
 // TestPausedDomainWording: a paused domain is called paused, not shut-off.
 func TestPausedDomainWording(t *testing.T) {
 	h := newHarness(t, map[string]virt.State{"p": virt.StatePaused, "off": virt.StateShutoff})
-	so, _, code := h.run(t, "-c", "all")
+	so, _, code := h.run(t, "-C", "all")
 	assert.Equal(t, 1, code)
 	assert.Contains(t, so, "[ERR] -b flag (directory) required for backing up the paused domain 'p'\n")
 	assert.Contains(t, so, "[ERR] -b flag (directory) required for backing up the shut-off domain 'off'\n")

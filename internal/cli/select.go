@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"errors"
 	"strings"
 	"unicode"
 
@@ -9,7 +10,9 @@ import (
 
 type selection struct {
 	running, offline []selected
-	failed           bool // a named domain could not be used
+	gone             []string // named domains that no longer exist, to prune only
+	missing          []string // named domains that do not exist
+	failed           bool     // a named domain could not be used
 	allKeyword       bool
 }
 
@@ -20,8 +23,9 @@ type selected struct {
 
 // selectDomains turns the positional arguments into the running and
 // not-running lists, from libvirt's state enums, in libvirt's order for
-// all/-r and in the order given for names.
-func (a *app) selectDomains(hyp virt.Hypervisor, args []string, allRunning bool) selection {
+// all/-r and in the order given for names. prunable, when set, says whether
+// a named domain that does not exist has restore points to prune (--keep).
+func (a *app) selectDomains(hyp virt.Hypervisor, args []string, allRunning bool, prunable func(string) bool) selection {
 	var sel selection
 	var names []string
 	for _, arg := range args {
@@ -88,8 +92,14 @@ func (a *app) selectDomains(hyp virt.Hypervisor, args []string, allRunning bool)
 		}
 		st, err := domainState(hyp, n)
 		switch {
+		case errors.Is(err, virt.ErrNoDomain) && prunable != nil && prunable(n):
+			sel.gone = append(sel.gone, n)
+			seen[n] = true
 		case err != nil:
 			a.p.Err("Cannot find domain '%s': %s", n, virt.Describe(err))
+			if errors.Is(err, virt.ErrNoDomain) {
+				sel.missing = append(sel.missing, n)
+			}
 			sel.failed = true
 			seen[n] = true
 		case st == virt.StateRunning || st == virt.StateBlocked:

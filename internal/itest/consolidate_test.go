@@ -519,23 +519,6 @@ func TestConsolidateRestorePointsSurvive(t *testing.T) {
 	consReads(t, base, 0xc4, "3M", "1M")
 }
 
-// §8: -c with a named shut-off domain is refused for that domain.
-func TestConsolidateShutoff(t *testing.T) {
-	d := newDomain(t, "cons-off", domOpts{noStart: true})
-	bd := backupDir(t)
-	r := run(t, "-b", bd, "-c", d.Name)
-	assert.Equal(t, 1, r.Code)
-	for _, l := range []string{
-		fmt.Sprintf("[ERR] Consolidation only works with running domains. '%s' is not running! Doing full backup only of '%s'", d.Name, d.Name),
-		fmt.Sprintf("[ERR] Skipping consolidation/backup of '%s'", d.Name),
-	} {
-		assert.True(t, consHasLine(r.Stdout, l), "missing %q", l)
-	}
-	assert.Empty(t, files(t, bd), "nothing copied")
-	assert.Equal(t, []string{"disk1.qcow2"}, files(t, d.Dir))
-	assert.Equal(t, "shut off", d.state(t))
-}
-
 // TestConsolidateRefusesSharedBase: when another domain's chain contains
 // the image blockcommit would write into, the commit is refused (it would
 // change that domain's disk under it), the chain stays as it is, exit 1.

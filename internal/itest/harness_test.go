@@ -11,6 +11,7 @@ package itest
 import (
 	"bytes"
 	"fmt"
+	"github.com/fi-backup/fi-backup/internal/backupdir"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -123,6 +124,7 @@ type domOpts struct {
 	backing map[string]string // file name → backing file (absolute) for overlays
 	noStart bool
 	extra   string // extra <devices> XML
+	size    string // virtual size of new images; default 64M
 }
 
 // newDomain creates qcow2 disks with qemu-img, defines the domain and starts
@@ -141,14 +143,18 @@ func newDomain(t *testing.T, name string, o domOpts) *Domain {
 	for i, f := range o.disks {
 		p := filepath.Join(dir, f)
 		format := "qcow2"
+		size := o.size
+		if size == "" {
+			size = "64M"
+		}
 		switch {
 		case o.raw[f]:
 			format = "raw"
-			sh(t, "qemu-img", "create", "-q", "-f", "raw", p, "64M")
+			sh(t, "qemu-img", "create", "-q", "-f", "raw", p, size)
 		case o.backing[f] != "":
 			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", o.backing[f], p)
 		default:
-			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "64M")
+			sh(t, "qemu-img", "create", "-q", "-f", "qcow2", p, size)
 		}
 		d.Disks = append(d.Disks, p)
 		fmt.Fprintf(&xml, "<disk type='file' device='disk'><driver name='qemu' type='%s'/><source file='%s'/><target dev='vd%c' bus='virtio'/></disk>\n",
@@ -244,6 +250,9 @@ func files(t *testing.T, dir string) []string {
 	require.NoError(t, err)
 	var out []string
 	for _, e := range entries {
+		if e.Name() == backupdir.MetaDir {
+			continue // the restore points' records, not images
+		}
 		out = append(out, e.Name())
 	}
 	return out

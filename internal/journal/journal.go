@@ -33,7 +33,10 @@ type Record struct {
 	Disk   string `json:"disk,omitempty"` // target of a block job, e.g. "vda"
 	Top    string `json:"top,omitempty"`  // the disk's active image when the job started
 	Base   string `json:"base,omitempty"` // the image a commit writes into
-	PID    int    `json:"pid"`            // the process that wrote it
+	// Chain is the disk's chain (top first) before an offline
+	// consolidation: what it may delete once the disk left it.
+	Chain []string `json:"chain,omitempty"`
+	PID   int      `json:"pid"` // the process that wrote it
 }
 
 // ErrUntrusted marks a journal file this tool did not write (or may not

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 )
 
 // BackingFile returns the backing file name stored in a qcow2 header,
@@ -40,8 +41,17 @@ type Tool struct {
 }
 
 func (t Tool) run(ctx context.Context, args ...string) ([]byte, error) {
+	return t.runIn(ctx, "", args...)
+}
+
+// runIn runs qemu-img in dir ("": the current directory).
+func (t Tool) runIn(ctx context.Context, dir string, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, t.Path, args...)
+	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	// A qemu-img writing a backup file (a retention merge) must not go on
+	// alone when fi-backup is killed: the next run redoes its work.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

@@ -12,6 +12,7 @@ package snapshot
 
 import (
 	"errors"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"time"
@@ -111,4 +112,26 @@ func Take(p *logging.Printer, dom Domain, name string, quiesce bool) error {
 	}
 	p.Verb("Snapshot for block devices of '%s' successful", dom.Name())
 	return nil
+}
+
+// DiskName is the file name a restore gives a disk whose chain (top first)
+// is chain: the disk's own image, i.e. the first file below this tool's
+// overlays (a generation's suffix dropped), or the bottom one when every
+// file is an overlay.
+func DiskName(chain []virt.Image) string {
+	if len(chain) == 0 {
+		return ""
+	}
+	name := chain[len(chain)-1].Path
+	for _, img := range chain {
+		if !IsOverlay(img.Path) {
+			name = img.Path
+			break
+		}
+	}
+	base := filepath.Base(name)
+	if i := strings.Index(base, ".gen-"); i > 0 {
+		base = base[:i]
+	}
+	return base
 }

@@ -227,6 +227,14 @@ type Domain interface {
 	State() (State, error)
 	// Disks parses the domain's current XML (live for a running domain).
 	Disks() ([]Disk, error)
+	// Definition is the domain's persistent definition (the live one for a
+	// transient domain), secrets included: what a restore must recreate.
+	Definition() (string, error)
+	// UUID is the domain's UUID.
+	UUID() (string, error)
+	// Redefine replaces the domain's persistent definition with xml (a
+	// running domain keeps running on its live one until it stops).
+	Redefine(xml string) error
 	// Snapshot takes an external, disk-only, atomic, metadata-less snapshot;
 	// libvirt names the overlays.
 	Snapshot(spec SnapshotSpec) error

@@ -2,6 +2,7 @@ package virt
 
 import (
 	"fmt"
+	"strings"
 
 	"libvirt.org/go/libvirtxml"
 )
@@ -110,4 +111,82 @@ func sourcePath(s *libvirtxml.DomainDiskSource) (path, typ string) {
 // snapshot, byte-identical to what virsh snapshot-create-as sends.
 func SnapshotXML(name string) (string, error) {
 	return (&libvirtxml.DomainSnapshot{Name: name}).Marshal()
+}
+
+// PointDisk edits a domain definition so that the disk with the given
+// target runs on source (of format): its <source file>, its driver type,
+// and no <backingStore> (libvirt reads the chain from the image headers
+// when the domain starts). Everything else goes through libvirtxml
+// unchanged; DiffOutside checks that afterwards against libvirt's own text.
+func PointDisk(domainXML, target, source, format string) (string, error) {
+	var def libvirtxml.Domain
+	if err := def.Unmarshal(domainXML); err != nil {
+		return "", fmt.Errorf("parse domain XML: %w", err)
+	}
+	if def.Devices != nil {
+		for i := range def.Devices.Disks {
+			d := &def.Devices.Disks[i]
+			if d.Target == nil || d.Target.Dev != target {
+				continue
+			}
+			if d.Source == nil || d.Source.File == nil {
+				return "", fmt.Errorf("disk %s is not a file", target)
+			}
+			d.Source.File.File = source
+			if format != "" {
+				if d.Driver == nil {
+					d.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
+				}
+				d.Driver.Type = format
+			}
+			d.BackingStore = nil
+			return def.Marshal()
+		}
+	}
+	return "", fmt.Errorf("no disk %s in the definition", target)
+}
+
+// DiffOutside compares two domain definitions as libvirt writes them,
+// leaving out the <disk> element of target in each: "" when they are the
+// same, else the first line that differs.
+func DiffOutside(a, b, target string) string {
+	la, lb := strings.Split(withoutDisk(a, target), "\n"), strings.Split(withoutDisk(b, target), "\n")
+	for i := 0; i < len(la) || i < len(lb); i++ {
+		var x, y string
+		if i < len(la) {
+			x = la[i]
+		}
+		if i < len(lb) {
+			y = lb[i]
+		}
+		if x != y {
+			return fmt.Sprintf("%q became %q", strings.TrimSpace(x), strings.TrimSpace(y))
+		}
+	}
+	return ""
+}
+
+// withoutDisk cuts the <disk>…</disk> element whose <target dev=…> is
+// target out of libvirt's text (disks do not nest).
+func withoutDisk(x, target string) string {
+	var b strings.Builder
+	for {
+		i := strings.Index(x, "<disk ")
+		if i < 0 {
+			b.WriteString(x)
+			return b.String()
+		}
+		j := strings.Index(x[i:], "</disk>")
+		if j < 0 {
+			b.WriteString(x)
+			return b.String()
+		}
+		end := i + j + len("</disk>")
+		elem := x[i:end]
+		b.WriteString(x[:i])
+		if !strings.Contains(elem, "<target dev='"+target+"'") && !strings.Contains(elem, `<target dev="`+target+`"`) {
+			b.WriteString(elem)
+		}
+		x = x[end:]
+	}
 }

@@ -181,6 +181,30 @@ func (d *domain) Disks() ([]virt.Disk, error) {
 	return virt.ParseDisks(x)
 }
 
+func (d *domain) Definition() (string, error) {
+	x, err := d.d.GetXMLDesc(libvirt.DOMAIN_XML_INACTIVE | libvirt.DOMAIN_XML_SECURE)
+	if err != nil {
+		return "", translate("get domain definition", err)
+	}
+	return x, nil
+}
+
+func (d *domain) UUID() (string, error) {
+	u, err := d.d.GetUUIDString()
+	if err != nil {
+		return "", translate("get domain UUID", err)
+	}
+	return u, nil
+}
+
+func (d *domain) Redefine(xml string) error {
+	nd, err := d.conn.c.DomainDefineXML(xml)
+	if err != nil {
+		return translate("define domain", err)
+	}
+	return nd.Free()
+}
+
 func (d *domain) Snapshot(spec virt.SnapshotSpec) error {
 	x, err := virt.SnapshotXML(spec.Name)
 	if err != nil {

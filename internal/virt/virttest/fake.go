@@ -6,6 +6,7 @@ package virttest
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"sort"
 	"strings"
@@ -22,6 +23,7 @@ type Fake struct {
 	States   map[string]virt.State
 	IDs      map[string]int // IDs of active domains, for List's order
 	Disks    map[string][]virt.Disk
+	XML      map[string]string // definitions; a minimal one when absent
 	Snapshot func(name string, spec virt.SnapshotSpec) error
 	// Optional scripts of the block-job and monitor calls; without them
 	// the calls report no job, or fail as unsupported.
@@ -109,6 +111,26 @@ func (d *domain) Disks() ([]virt.Disk, error) {
 	d.f.mu.Lock()
 	defer d.f.mu.Unlock()
 	return d.f.Disks[d.name], nil
+}
+func (d *domain) Definition() (string, error) {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if x, ok := d.f.XML[d.name]; ok {
+		return x, nil
+	}
+	return "<domain type='qemu'><name>" + d.name + "</name></domain>", nil
+}
+func (d *domain) UUID() (string, error) {
+	return "00000000-0000-4000-8000-" + fmt.Sprintf("%012x", len(d.name)), nil
+}
+func (d *domain) Redefine(xml string) error {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if d.f.XML == nil {
+		d.f.XML = map[string]string{}
+	}
+	d.f.XML[d.name] = xml
+	return nil
 }
 func (d *domain) Snapshot(spec virt.SnapshotSpec) error {
 	if d.f.Snapshot != nil {
