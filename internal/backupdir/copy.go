@@ -158,6 +158,9 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 		// The manifest's checksum, taken while the copy is fsynced
 		// instead of reading the copy again afterwards.
 		Hash: true,
+		Progress: func(done int64) {
+			bar.Set(done, 0)
+		},
 		Prepare: func(tmp string) error {
 			if below != nil {
 				if err := d.setBacking(ctx, tmp, backing, backingFormat); err != nil {

@@ -39,6 +39,14 @@ type Options struct {
 	// waits for the disk.
 	Hash bool
 
+	// Progress, when set, is called on the goroutine running Copy after
+	// each chunk of data (at most 16 MiB) with the number of bytes of the
+	// source's data extents handled so far, holes not counted: it climbs to
+	// about the source's allocated size (st_blocks), what a progress bar
+	// shows as its total. A reflinked copy reports the whole size at once.
+	// It must return quickly: the copy waits for it.
+	Progress func(done int64)
+
 	// Limit, when set, bounds the rate at which data is copied (holes and
 	// reflinks cost nothing). One limiter may be shared by concurrent
 	// copies to bound their sum.

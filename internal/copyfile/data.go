@@ -41,11 +41,14 @@ func writeData(ctx context.Context, in, out int, size int64, opt Options, prog *
 		// then, and the extent copy below does the work.
 		if unix.IoctlFileClone(out, in) == nil {
 			prog.finish(size)
+			if opt.Progress != nil {
+				opt.Progress(size)
+			}
 			return Stats{Bytes: size, Reflinked: true}, nil
 		}
 	}
 	c := copier{ctx: ctx, in: in, out: out, useCFR: !opt.readWriteOnly, limit: opt.Limit,
-		wb: newWriteback(out, opt.syncRange), prog: prog}
+		wb: newWriteback(out, opt.syncRange), prog: prog, report: opt.Progress}
 	if err := c.copyExtents(size); err != nil {
 		return Stats{Bytes: c.bytes}, err
 	}
@@ -71,6 +74,8 @@ type copier struct {
 	limit   *rate.Limiter // nil: as fast as the disks go
 	wb      *writeback    // moves the data to disk while copying
 	prog    *progress     // how far out is complete, for a hash that follows
+	report  func(int64)   // Options.Progress
+	done    int64         // source data bytes handled, for report
 }
 
 // copyExtents copies every data extent of the first size bytes of in,
@@ -126,6 +131,10 @@ func (c *copier) copyRange(off, end int64) error {
 		}
 		off += n
 		c.prog.advance(off)
+		if c.report != nil {
+			c.done += n
+			c.report(c.done)
+		}
 	}
 	return nil
 }
