@@ -141,9 +141,14 @@ func (r Reader) add(ctx context.Context, u *Users, n string) error {
 
 // OfFile walks the backing chain of an image file that no running domain
 // describes (a shut-off domain's disk), top first. A missing link is an
-// error, never a shorter chain.
+// error, never a shorter chain. The walk reads the headers itself, without
+// a qemu-img process, unless the chain holds a format or protocol only
+// qemu-img reads.
 func (r Reader) OfFile(ctx context.Context, path string) ([]virt.Image, error) {
-	c, err := r.Tool.Chain(ctx, path)
+	c, err := qcow2.Chain(path)
+	if errors.Is(err, qcow2.ErrUnsupported) {
+		c, err = r.Tool.Chain(ctx, path)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -48,7 +48,7 @@ func TestOthers(t *testing.T) {
 	u := r.Others(context.Background(), "self", true)
 	assert.True(t, u.Complete())
 	assert.Equal(t, "run", u.Of("/live/base"))
-	assert.Equal(t, "off", u.Of(base), "read through qemu-img")
+	assert.Equal(t, "off", u.Of(base), "read from the qcow2 headers")
 	link := filepath.Join(t.TempDir(), "link")
 	require.NoError(t, os.Symlink(base, link))
 	st, err := os.Stat(link)
@@ -64,4 +64,33 @@ func TestOthers(t *testing.T) {
 	out.Reset()
 	r.Others(context.Background(), "self", false)
 	assert.Empty(t, out.String(), "quiet when asked")
+}
+
+// TestOfFileNative: qcow2 and raw chains are read without qemu-img (the
+// reader's qemu-img does not exist here); only a format the native walk
+// does not read goes to qemu-img.
+func TestOfFileNative(t *testing.T) {
+	dir := t.TempDir()
+	base, top := filepath.Join(dir, "base.raw"), filepath.Join(dir, "top.qcow2")
+	qemuImg(t, "create", "-q", "-f", "raw", base, "16M")
+	qemuImg(t, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, top)
+	r := Reader{Tool: qcow2.Tool{Path: filepath.Join(dir, "no-qemu-img")}}
+	c, err := r.OfFile(context.Background(), top)
+	require.NoError(t, err)
+	assert.Equal(t, []virt.Image{{Path: top, Format: "qcow2"}, {Path: base, Format: "raw"}}, c)
+
+	_, err = r.OfFile(context.Background(), filepath.Join(dir, "gone.qcow2"))
+	assert.ErrorIs(t, err, os.ErrNotExist, "a missing file is an error of its own, not a reason to ask qemu-img")
+
+	vmdk, over := filepath.Join(dir, "base.vmdk"), filepath.Join(dir, "over.qcow2")
+	qemuImg(t, "create", "-q", "-f", "vmdk", vmdk, "1M")
+	qemuImg(t, "create", "-q", "-f", "qcow2", "-F", "vmdk", "-b", vmdk, over)
+	_, err = r.OfFile(context.Background(), over)
+	assert.ErrorContains(t, err, "no-qemu-img", "vmdk is left to qemu-img")
+	q, err := exec.LookPath("qemu-img")
+	require.NoError(t, err)
+	r.Tool.Path = q
+	c, err = r.OfFile(context.Background(), over)
+	require.NoError(t, err)
+	assert.Equal(t, []virt.Image{{Path: over, Format: "qcow2"}, {Path: vmdk, Format: "vmdk"}}, c)
 }

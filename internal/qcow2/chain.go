@@ -31,7 +31,8 @@ import (
 // A missing or unreadable link is an error, never a shorter chain; so are a
 // loop, a backing file name with a protocol prefix ("nbd:", "json:"...), and
 // any format other than qcow2 and raw (qemu-img could read it; this walk
-// cannot, so it says so instead of guessing).
+// cannot, so it says so instead of guessing: those errors wrap
+// ErrUnsupported, and a caller may ask qemu-img instead).
 func Chain(path string) ([]Image, error) {
 	name, err := filepath.Abs(path)
 	if err != nil {
@@ -60,6 +61,10 @@ func Chain(path string) ([]Image, error) {
 		name, format = next, backingFormat
 	}
 }
+
+// ErrUnsupported means a chain holds what Chain does not read (another
+// image format, a protocol such as nbd:) though qemu-img might.
+var ErrUnsupported = errors.New("not supported")
 
 // chainElement opens one element of a chain, checks it against the ones
 // seen before (by device and inode: different names can reach one file)
@@ -95,7 +100,7 @@ func chainElement(name, format string, seen map[[2]uint64]bool) (img Image, back
 		return img, "", "", nil
 	case "qcow2":
 	default:
-		return Image{}, "", "", fmt.Errorf("%s: image format %q is not supported", name, format)
+		return Image{}, "", "", fmt.Errorf("%s: image format %q is %w", name, format, ErrUnsupported)
 	}
 	buf, err := readCluster(f)
 	if err != nil {
@@ -114,7 +119,7 @@ func chainElement(name, format string, seen map[[2]uint64]bool) (img Image, back
 // ones appended to current's directory (everything up to its last '/').
 func fullBackingName(current, backing string) (string, error) {
 	if hasProtocol(backing) {
-		return "", fmt.Errorf("backing file name %q has a protocol prefix: not supported", backing)
+		return "", fmt.Errorf("backing file name %q has a protocol prefix: %w", backing, ErrUnsupported)
 	}
 	if strings.HasPrefix(backing, "/") {
 		return backing, nil
@@ -166,16 +171,16 @@ func probe(f io.ReaderAt, name string, size int64) (string, error) {
 		case version >= 2 && size >= v3HeaderLen:
 			return "qcow2", nil
 		case version == 1:
-			return "", errors.New(`image format "qcow" is not supported`)
+			return "", fmt.Errorf(`image format "qcow" is %w`, ErrUnsupported)
 		}
 	}
 	for _, o := range otherFormats {
 		if len(buf) >= o.off+len(o.sig) && string(buf[o.off:o.off+len(o.sig)]) == o.sig {
-			return "", fmt.Errorf("image format %q is not supported", o.format)
+			return "", fmt.Errorf("image format %q is %w", o.format, ErrUnsupported)
 		}
 	}
 	if strings.HasSuffix(name, ".dmg") {
-		return "", errors.New(`image format "dmg" is not supported`)
+		return "", fmt.Errorf(`image format "dmg" is %w`, ErrUnsupported)
 	}
 	return "raw", nil
 }

@@ -3,6 +3,7 @@ package qcow2
 import (
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -226,6 +227,8 @@ func TestChainErrors(t *testing.T) {
 			require.Error(t, err, "got a chain %v", got)
 			assert.Nil(t, got)
 			assert.ErrorContains(t, err, tc.want)
+			assert.Equal(t, tc.want == "not supported" || tc.want == "protocol prefix", errors.Is(err, ErrUnsupported),
+				"only what qemu-img might read is ErrUnsupported")
 			t.Logf("Chain: %v", err)
 		})
 	}
