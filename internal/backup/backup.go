@@ -89,7 +89,7 @@ func New(cfg Config, env Env) *Runner {
 	r := &Runner{
 		cfg: cfg, p: env.P, hyp: env.Hyp, prog: env.Prog, now: env.Now, lockDir: env.LockDir, tool: env.Tool, images: tool, ui: env.Progress,
 		journal: journal.Store{Dir: env.LockDir},
-		chains:  chains.Reader{P: env.P, Hyp: env.Hyp, Tool: tool},
+		chains:  chains.Reader{P: env.P, Hyp: env.Hyp, Tool: tool, Cache: chains.NewCache()},
 	}
 	if r.now == nil {
 		r.now = time.Now
@@ -183,6 +183,11 @@ func (r *Runner) Run(ctx context.Context, name string, selected virt.State) erro
 		return ErrFailed
 	}
 	defer func() { _ = l.Unlock() }()
+	// Other turns read this domain's chain once per run (target 3 of the
+	// performance issue); it may change from here on, so they read it
+	// again, as this turn leaves it.
+	r.chains.Cache.Forget(name)
+	defer r.chains.Cache.Forget(name)
 	dom, err := r.hyp.Lookup(name)
 	if err != nil {
 		r.p.Err("Cannot find domain '%s': %s", name, virt.Describe(err))

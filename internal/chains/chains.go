@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/fi-backup/fi-backup/internal/logging"
@@ -23,6 +24,54 @@ type Reader struct {
 	P    *logging.Printer
 	Hyp  virt.Hypervisor
 	Tool qcow2.Tool
+	// Cache, when set, keeps the chains Others read, for the rest of a
+	// run: with -C over N domains each domain's chain is then read once,
+	// not once for every other domain. nil: every call reads again.
+	Cache *Cache
+}
+
+// Cache holds the chains of the domains read in one run. A domain's entry
+// must be dropped (Forget) whenever its chain may change: the run does
+// that at the start and at the end of each domain's turn, so a turn that
+// deletes files of its domain reads that domain's own chain afresh, and
+// every later turn sees its chain as the turn left it. Domains whose chain
+// could not be read completely are not kept: they are read again (and
+// named again) each time. Safe for concurrent turns.
+type Cache struct {
+	mu    sync.Mutex
+	paths map[string][]string
+}
+
+// NewCache returns an empty cache.
+func NewCache() *Cache { return &Cache{paths: map[string][]string{}} }
+
+// Forget drops what the cache holds of dom.
+func (c *Cache) Forget(dom string) {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	delete(c.paths, dom)
+	c.mu.Unlock()
+}
+
+func (c *Cache) get(dom string) ([]string, bool) {
+	if c == nil {
+		return nil, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p, ok := c.paths[dom]
+	return p, ok
+}
+
+func (c *Cache) put(dom string, paths []string) {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	c.paths[dom] = paths
+	c.mu.Unlock()
 }
 
 // Users maps the files in the chains of some domains to a domain using
@@ -97,30 +146,45 @@ func (r Reader) Others(ctx context.Context, self string, warn bool) *Users {
 		if n == self {
 			continue
 		}
-		if err := r.add(ctx, u, n); err != nil {
-			if warn {
-				r.P.Warn("Cannot read the backing chain of domain '%s': %v", n, err)
+		paths, ok := r.Cache.get(n)
+		if !ok {
+			var err error
+			paths, err = r.read(ctx, n)
+			if err != nil {
+				if warn {
+					r.P.Warn("Cannot read the backing chain of domain '%s': %v", n, err)
+				}
+				u.unreadable = append(u.unreadable, "domain '"+n+"'")
+			} else {
+				r.Cache.put(n, paths)
 			}
-			u.unreadable = append(u.unreadable, "domain '"+n+"'")
+		}
+		for _, p := range paths {
+			u.byPath[p] = n
 		}
 	}
 	return u
 }
 
-func (r Reader) add(ctx context.Context, u *Users, n string) error {
+// read lists the files of domain n's chains. With an error, what it lists
+// is still used; the rest is unknown.
+func (r Reader) read(ctx context.Context, n string) ([]string, error) {
 	dom, err := r.Hyp.Lookup(n)
 	if errors.Is(err, virt.ErrNoDomain) {
-		return nil // undefined meanwhile
+		return nil, nil // undefined meanwhile
 	}
 	if err != nil {
-		return errors.New(virt.Describe(err))
+		return nil, errors.New(virt.Describe(err))
 	}
 	disks, err := dom.Disks()
 	_ = dom.Close()
 	if err != nil {
-		return errors.New(virt.Describe(err))
+		return nil, errors.New(virt.Describe(err))
 	}
-	var failed error
+	var (
+		failed error
+		paths  []string
+	)
 	for _, d := range virt.FileDisks(disks) {
 		chain := d.Chain
 		if !d.Complete { // inactive XML: ask qemu-img
@@ -132,11 +196,9 @@ func (r Reader) add(ctx context.Context, u *Users, n string) error {
 			}
 			chain = append(chain, c...)
 		}
-		for _, img := range chain {
-			u.byPath[img.Path] = n
-		}
+		paths = append(paths, virt.Paths(chain)...)
 	}
-	return failed
+	return paths, failed
 }
 
 // OfFile walks the backing chain of an image file that no running domain

@@ -94,3 +94,46 @@ func TestOfFileNative(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []virt.Image{{Path: over, Format: "qcow2"}, {Path: vmdk, Format: "vmdk"}}, c)
 }
+
+// TestCacheReadsEachDomainOnce: with a Cache, a domain's chain is read by
+// the first Others and kept until Forget; a chain that could not be read
+// is not kept, so it is read (and named) again.
+func TestCacheReadsEachDomainOnce(t *testing.T) {
+	fake := virttest.New(map[string]virt.State{"a": virt.StateRunning, "b": virt.StateRunning, "c": virt.StateRunning})
+	disk := func(paths ...string) []virt.Disk {
+		var chain []virt.Image
+		for _, p := range paths {
+			chain = append(chain, virt.Image{Path: p})
+		}
+		return []virt.Disk{{Target: "vda", Device: "disk", Type: "file", Source: paths[0], Chain: chain, Complete: true}}
+	}
+	fake.Disks["b"] = disk("/b/top", "/b/base")
+	fake.Disks["c"] = []virt.Disk{{Target: "vda", Device: "disk", Type: "file", Source: filepath.Join(t.TempDir(), "gone.qcow2")}}
+	var out bytes.Buffer
+	r := Reader{P: logging.New(&out, true, true), Hyp: fake, Cache: NewCache()}
+
+	u := r.Others(context.Background(), "a", true)
+	assert.Equal(t, "b", u.Of("/b/top"))
+	assert.False(t, u.Complete())
+	assert.Contains(t, out.String(), "domain 'c'")
+
+	fake.Disks["b"] = disk("/b/new", "/b/base")
+	fake.Disks["c"] = disk("/c/top")
+	out.Reset()
+	u = r.Others(context.Background(), "a", true)
+	assert.Equal(t, "b", u.Of("/b/top"), "b's chain as first read: kept for the run")
+	assert.Empty(t, u.Of("/b/new"))
+	assert.Equal(t, "c", u.Of("/c/top"), "an unreadable chain is read again")
+	assert.True(t, u.Complete())
+	assert.Empty(t, out.String())
+
+	r.Cache.Forget("b")
+	u = r.Others(context.Background(), "c", true)
+	assert.Equal(t, "b", u.Of("/b/new"), "read again after Forget")
+	assert.Empty(t, u.Of("/b/top"))
+	assert.Empty(t, u.Of("/c/top"), "self is never listed, cached or not")
+
+	r.Cache = nil // no cache: every call reads
+	fake.Disks["b"] = disk("/b/third")
+	assert.Equal(t, "b", r.Others(context.Background(), "a", true).Of("/b/third"))
+}
