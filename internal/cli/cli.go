@@ -199,8 +199,10 @@ func (a *app) run(ctx context.Context, args []string) error {
 	}
 	var hyp virt.Hypervisor
 	var connErr error
+	var probe *qemuImgProbe
 	connect := func() {
 		if hyp == nil && connErr == nil {
+			probe = a.startQemuImgProbe() // runs while libvirt connects
 			hyp, connErr = a.Connect(a.Getenv("FI_BACKUP_URI"))
 		}
 	}
@@ -225,7 +227,7 @@ func (a *app) run(ctx context.Context, args []string) error {
 		return a.usageErr("dump state (-s) and quiesce (-q) are not compatible")
 	}
 	connect()
-	qemuImg, ok := a.checkDependencies(hyp, connErr)
+	qemuImg, ok := a.checkDependencies(hyp, connErr, probe)
 	if !ok {
 		return errDependency
 	}

@@ -22,15 +22,42 @@ func defaultMethod(hyp virt.Hypervisor) blockjob.Method {
 	return blockjob.Pull
 }
 
-func (a *app) checkDependencies(hyp virt.Hypervisor, connErr error) (string, bool) {
-	ok := true
-	name := a.Getenv("FI_BACKUP_QEMU_IMG")
-	if name == "" {
-		name = "qemu-img"
+// qemuImgProbe is the run's one `qemu-img --version`, started together
+// with the libvirt connection so that the two overlap instead of adding up
+// (the process costs tens of milliseconds, as much as the connection).
+type qemuImgProbe struct {
+	name, path string
+	lookErr    error
+	done       chan struct{} // closed when version and err are set
+	version    string
+	err        error
+}
+
+func (a *app) startQemuImgProbe() *qemuImgProbe {
+	p := &qemuImgProbe{name: a.Getenv("FI_BACKUP_QEMU_IMG"), done: make(chan struct{})}
+	if p.name == "" {
+		p.name = "qemu-img"
 	}
-	qemuImg, err := exec.LookPath(name)
-	if err != nil {
-		a.p.Err("'%s' cannot be found or executed", name)
+	p.path, p.lookErr = exec.LookPath(p.name)
+	if p.lookErr != nil {
+		close(p.done)
+		return p
+	}
+	go func() {
+		defer close(p.done)
+		p.version, p.err = qcow2.Version(p.path)
+	}()
+	return p
+}
+
+func (a *app) checkDependencies(hyp virt.Hypervisor, connErr error, probe *qemuImgProbe) (string, bool) {
+	ok := true
+	if probe == nil {
+		probe = a.startQemuImgProbe()
+	}
+	qemuImg := probe.path
+	if probe.lookErr != nil {
+		a.p.Err("'%s' cannot be found or executed", probe.name)
 		ok = false
 	}
 	if connErr != nil {
@@ -51,7 +78,8 @@ func (a *app) checkDependencies(hyp virt.Hypervisor, connErr error) (string, boo
 		ok = false
 	}
 	if qemuImg != "" {
-		iv, err := qcow2.Version(qemuImg)
+		<-probe.done
+		iv, err := probe.version, probe.err
 		switch {
 		case err != nil:
 			a.p.Err("'%s' cannot be found or executed", qemuImg)

@@ -1,11 +1,14 @@
 package cli
 
 import (
+	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -100,4 +103,37 @@ func TestOneQemuImgPerRun(t *testing.T) {
 	assert.Equal(t, "--version\n", string(log))
 	assert.FileExists(t, filepath.Join(bdir, "o.qcow2"))
 	assert.FileExists(t, filepath.Join(bdir, "o-base.qcow2"))
+}
+
+// TestQemuImgVersionWhileConnecting: `qemu-img --version` is already
+// running while libvirt is being connected (the two overlap): the fake
+// qemu-img marks that it started, and the connection waits for the mark.
+// Had the version check started after the connection, the mark would never
+// come.
+func TestQemuImgVersionWhileConnecting(t *testing.T) {
+	dir := t.TempDir()
+	mark := filepath.Join(dir, "started")
+	bin := filepath.Join(dir, "qemu-img")
+	require.NoError(t, os.WriteFile(bin, []byte("#!/bin/sh\n: > '"+mark+"'\necho 'qemu-img version 7.2.22 (fake)'\n"), 0o755))
+	h := newHarness(t, map[string]virt.State{"d0": virt.StateShutoff})
+	h.env["FI_BACKUP_QEMU_IMG"] = bin
+	var so, se bytes.Buffer
+	started := false
+	code := Run(context.Background(), Env{
+		Prog: "./fi-backup", Stdout: &so, Stderr: &se,
+		Getenv: func(k string) string { return h.env[k] },
+		Connect: func(string) (virt.Hypervisor, error) {
+			for i := 0; i < 1000 && !started; i++ { // up to 10 s: a deadline, not a speed test
+				_, err := os.Stat(mark)
+				started = err == nil
+				time.Sleep(10 * time.Millisecond)
+			}
+			return h.fake, nil
+		},
+		Now:     time.Now,
+		LockDir: h.lockDir,
+	}, []string{"-d", "-c", "d0"})
+	assert.True(t, started, "qemu-img --version had not started when libvirt was connected")
+	assert.Equal(t, 0, code, "%s", so.String())
+	assert.Contains(t, so.String(), "[DEB] "+bin+" version '7.2.22' is supported\n")
 }
