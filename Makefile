@@ -52,7 +52,7 @@ demo: build ## back up a throwaway running domain twice and show the backup chai
 sweep: ## remove leftover fibt-* test domains and files
 	bash scripts/sweep.sh
 
-bench: build ## performance table vs cp and the targets (root, ~5 min) → stdout and bin/performance.md
+bench: build ## issue-15 table: fi-backup vs the old script, cp, virtnbdbackup and its targets (root, ~10 min) → stdout and bin/performance.md
 	bash scripts/bench.sh
 
 clean:

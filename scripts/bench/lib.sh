@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # lib.sh — helpers for scripts/bench.sh (sourced, not run). Every domain the
-# benchmark makes is named fibb-* and recorded in $W/domains, so cleanup
-# removes exactly those (never the fibt-* test domains or anyone else's).
+# benchmark makes is named fibt-bench-* and recorded in $W/domains, so cleanup
+# removes exactly those (never the other fibt-* test domains or anyone else's).
 
 URI=qemu:///system
 LETTERS=abcdefghijklmnopqrstuvwxyz
@@ -85,12 +85,19 @@ XML
 	return 0
 }
 
-# dom_remove NAME: destroy and undefine a fibb-* domain, remove its lock file.
+# dom_remove NAME: destroy and undefine a fibt-bench-* domain, remove its lock
+# file. Fails when the domain is still defined: its files must then stay, a
+# defined domain with missing files makes every -C on the host fail closed.
 dom_remove() {
-	case $1 in fibb-*) ;; *) return 0 ;; esac
+	case $1 in fibt-bench-*) ;; *) return 0 ;; esac
 	vsh destroy "$1" >/dev/null 2>&1
-	vsh undefine "$1" >/dev/null 2>&1
+	# Checkpoints (virtnbdbackup's) keep a domain from being undefined.
+	vsh undefine "$1" --checkpoints-metadata >/dev/null 2>&1 || vsh undefine "$1" >/dev/null 2>&1
 	rm -f "/var/lock/$1.fi-backup.lock"
+	if vsh domstate "$1" >/dev/null 2>&1; then
+		log "cannot undefine $1: its files are kept"
+		return 1
+	fi
 	return 0
 }
 

@@ -1,16 +1,20 @@
 // Command copybench runs fi-backup's copy engine (internal/copyfile) alone,
-// for scripts/bench.sh: it times nothing itself, hyperfine does.
+// for scripts/bench.sh: it times nothing itself, the script does.
 //
-//	copybench SRC DST            copy one file to DST
-//	copybench SRC... DIR/        copy every SRC into the existing DIR
+//	copybench [-p] [-hash] SRC DST            copy one file to DST
+//	copybench [-p] [-hash] SRC... DIR/        copy every SRC into the existing DIR
 //
 // Each copy is exactly what fi-backup does for one image of a chain, minus
-// the qemu-img rebase: temporary file, reflink or copy_file_range or
-// read/write keeping holes, fsync, rename, directory fsync.
+// the backing-reference rewrite: temporary file, reflink or
+// copy_file_range or read/write keeping holes, writeback while copying,
+// fsync, rename, directory fsync. -p keeps mode, owner and times (cp -p);
+// -hash also computes the SHA-256 of the copy, as fi-backup does for its
+// manifests, and prints it.
 package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -20,9 +24,12 @@ import (
 )
 
 func main() {
-	args := os.Args[1:]
+	preserve := flag.Bool("p", false, "keep mode, owner and times (cp -p)")
+	hash := flag.Bool("hash", false, "compute and print the SHA-256 of each copy")
+	flag.Parse()
+	args := flag.Args()
 	if len(args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: copybench SRC DST | copybench SRC... DIR/")
+		fmt.Fprintln(os.Stderr, "usage: copybench [-p] [-hash] SRC DST | copybench [-p] [-hash] SRC... DIR/")
 		os.Exit(2)
 	}
 	srcs, dst := args[:len(args)-1], args[len(args)-1]
@@ -38,9 +45,13 @@ func main() {
 		if toDir {
 			d = filepath.Join(dst, filepath.Base(s))
 		}
-		if _, err := copyfile.Copy(ctx, s, d, copyfile.Options{}); err != nil {
+		stats, err := copyfile.Copy(ctx, s, d, copyfile.Options{Preserve: *preserve, Hash: *hash})
+		if err != nil {
 			fmt.Fprintln(os.Stderr, "copybench:", err)
 			os.Exit(1)
+		}
+		if *hash {
+			fmt.Printf("%s  %s\n", stats.SHA256, d)
 		}
 	}
 }
