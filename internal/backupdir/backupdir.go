@@ -77,6 +77,8 @@ type dirState struct {
 	res       time.Duration
 	hashMu    sync.Mutex
 	hashes    map[string]File // checksums the manifests record, by file name
+	domMu     sync.Mutex
+	domLocks  map[string]*sync.Mutex // see lockDomain
 }
 
 var stateInit sync.Mutex
@@ -88,6 +90,25 @@ func (d *Dir) st() *dirState {
 		d.sh = &dirState{}
 	}
 	return d.sh
+}
+
+// lockDomain serializes what changes a domain's records in the directory
+// (its redo record, manifests, retention notes, generations) between the
+// disks of the domain that are copied at once; it returns the unlock.
+func (d *Dir) lockDomain(domain string) func() {
+	st := d.st()
+	st.domMu.Lock()
+	if st.domLocks == nil {
+		st.domLocks = map[string]*sync.Mutex{}
+	}
+	mu := st.domLocks[domain]
+	if mu == nil {
+		mu = &sync.Mutex{}
+		st.domLocks[domain] = mu
+	}
+	st.domMu.Unlock()
+	mu.Lock()
+	return mu.Unlock
 }
 
 // For is a view of the directory for one domain's turn: its own printer

@@ -24,7 +24,10 @@ import (
 // as a manifest records them.
 func (d *Dir) CopyChain(ctx context.Context, domain string, imgs []virt.Image, preserve bool) ([]File, error) {
 	d.cleanTemps()
-	if err := d.FinishPending(domain); err != nil {
+	unlock := d.lockDomain(domain)
+	err := d.FinishPending(domain)
+	unlock()
+	if err != nil {
 		d.P.Err("Cannot bring the manifests of '%s' up to date: %v", d.Path, err)
 		return nil, ErrFailed
 	}
@@ -53,7 +56,9 @@ func (d *Dir) CopyChain(ctx context.Context, domain string, imgs []virt.Image, p
 		files = append(files, f)
 		below, parentReplaced = &files[len(files)-1], replaced
 	}
+	unlock = d.lockDomain(domain)
 	d.forgetStaleMerged(domain)
+	unlock()
 	for i, j := 0, len(files)-1; i < j; i, j = i+1, j-1 {
 		files[i], files[j] = files[j], files[i]
 	}
@@ -186,6 +191,7 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 				return nil
 			}
 			replaced = true
+			defer d.lockDomain(domain)()
 			return d.keepGeneration(ctx, domain, dst, src, dstInfo)
 		},
 	})

@@ -189,6 +189,16 @@ func (p *Printer) Child(buffered bool, tap func(prefix, msg string)) *Printer {
 	return c
 }
 
+// Buffered is a buffered Child that passes its lines to p's tap: for a
+// part of p's work running beside others (a disk of a domain), whose lines
+// Flush then writes through p in one piece.
+func (p *Printer) Buffered() *Printer {
+	p.mu.Lock()
+	tap := p.tap
+	p.mu.Unlock()
+	return p.Child(true, tap)
+}
+
 // Flush writes what a buffered child kept through its parent, at once.
 func (p *Printer) Flush(parent *Printer) {
 	p.mu.Lock()
