@@ -13,15 +13,18 @@ import (
 // Journal kind of a -s state dump in progress (its guest may be paused).
 const kindDump = "dump"
 
-// RecoverAll finishes what interrupted runs left on any domain, before the
-// domains of this run are listed: a guest a killed -s run left paused is
-// resumed (so that -r and all see it running again), an orphaned block job
-// of this tool is aborted. A domain whose lock another run holds is left to
-// that run.
-func (r *Runner) RecoverAll(ctx context.Context) {
+// RecoverAll resumes, before the domains of this run are listed, every
+// guest a killed -s run left paused (so that -r and all see it running
+// again), and drops the journals of domains that no longer exist. Other
+// journals (block jobs, offline merges, --cbt jobs) are left to the
+// domain's own next turn, whose failures count in its exit code: a run for
+// other domains neither acts on them nor prints an [ERR] it would not
+// count. A domain whose lock another run holds is left to that run.
+func (r *Runner) RecoverAll(ctx context.Context) error {
+	var failed error
 	for _, name := range r.journal.Domains() {
 		if ctx.Err() != nil {
-			return
+			return failed
 		}
 		l, err := lock.TryLock(r.lockDir, name)
 		if err != nil {
@@ -33,11 +36,16 @@ func (r *Runner) RecoverAll(ctx context.Context) {
 			r.p.Debug("Removing the journal of '%s': the domain no longer exists", name)
 			r.clearJournal(name)
 		case err == nil:
-			_ = r.recover(dom)
+			if rec, rerr := r.journal.Read(name); rerr == nil && rec != nil && rec.Kind == kindDump {
+				if err := r.recover(dom); err != nil {
+					failed = err // a guest perhaps still paused: the run fails
+				}
+			}
 			_ = dom.Close()
 		}
 		_ = l.Unlock()
 	}
+	return failed
 }
 
 // recover finishes what an interrupted run left on dom (its journal): a

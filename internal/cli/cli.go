@@ -256,14 +256,14 @@ func (a *app) run(ctx context.Context, args []string) error {
 	})
 	// A guest a killed -s run left paused is resumed before the domains
 	// are listed, so that -r and all find it running again.
-	r.RecoverAll(ctx)
+	recoverErr := r.RecoverAll(ctx)
 	var prunable func(string) bool
 	if o.Keep > 0 {
 		prunable = r.HasPoints
 	}
 	sel := a.selectDomains(hyp, names, o.AllRunning, prunable)
 	var failed error
-	if sel.failed {
+	if sel.failed || recoverErr != nil {
 		failed = backup.ErrFailed
 	}
 	if a.rep != nil {
