@@ -4,6 +4,9 @@
 //	running domain:  lock → recover (journal) → plan + admit (snapshot, backupdir)
 //	                 → [-s dump] → snapshot → copy the read-only chain (backupdir)
 //	                 → [-c/-C consolidate (blockjob)]
+//	running, --cbt:  lock → recover (journal) → plan (full or increment per disk)
+//	                 → push backup with a checkpoint (cbt) → name the files,
+//	                 record the point (backupdir) → delete the older checkpoint
 //	shut-off domain: lock → chains (qemu-img) → admit → copy with cp -up (backupdir)
 //	                 → [-c/-C consolidate with qemu-img (blockjob.Offline)]
 //	either, after success with --keep: prune the oldest restore points (backupdir)
@@ -19,6 +22,7 @@ import (
 
 	"github.com/fi-backup/fi-backup/internal/backupdir"
 	"github.com/fi-backup/fi-backup/internal/blockjob"
+	"github.com/fi-backup/fi-backup/internal/cbt"
 	"github.com/fi-backup/fi-backup/internal/chains"
 	"github.com/fi-backup/fi-backup/internal/copyfile"
 	"github.com/fi-backup/fi-backup/internal/journal"
@@ -40,6 +44,9 @@ type Config struct {
 	RateLimit   int64         // --rate_limit, bytes/s; 0: unlimited
 	Keep        int           // --keep: restore points kept per domain; 0: all
 	AllKeyword  bool          // the domains were given as "all"
+	// CBT backs running domains up through libvirt's changed-block
+	// tracking (--cbt) instead of a snapshot; shut-off ones are copied.
+	CBT bool
 
 	DumpTimeout   time.Duration // FI_BACKUP_DUMP_TIMEOUT; 0: the default
 	DumpBandwidth int64         // FI_BACKUP_TEST_DUMP_BANDWIDTH (tests only)
@@ -75,6 +82,7 @@ type Runner struct {
 	dir     *backupdir.Dir // nil without -b
 	images  qcow2.Tool
 	jobs    *blockjob.Consolidator
+	cbt     *cbt.Runner
 }
 
 // New prepares a run.
@@ -93,13 +101,21 @@ func New(cfg Config, env Env) *Runner {
 		if cfg.RateLimit > 0 {
 			r.dir.Limit = copyfile.NewLimiter(cfg.RateLimit)
 		}
-		if cfg.KillAt != "" {
-			r.dir.StepHook = killAt(cfg.KillAt)
-		}
 	}
 	r.jobs = &blockjob.Consolidator{
 		P: env.P, Journal: r.journal, Method: cfg.Method, Timeout: cfg.JobTimeout,
 		Bandwidth: uint64(max(cfg.RateLimit, 0)), PollEvery: env.PollEvery,
+	}
+	r.cbt = &cbt.Runner{
+		P: env.P, Journal: r.journal, Timeout: cfg.JobTimeout,
+		Bandwidth: uint64(max(cfg.RateLimit, 0)), PollEvery: env.PollEvery,
+	}
+	if cfg.KillAt != "" {
+		hook := killAt(cfg.KillAt)
+		r.cbt.Step = hook
+		if r.dir != nil {
+			r.dir.StepHook = hook
+		}
 	}
 	return r
 }
@@ -140,6 +156,8 @@ func (r *Runner) Run(ctx context.Context, name string, selected virt.State) erro
 		r.p.Debug("Domain '%s' is %s now (it was %s when the domains were listed)", name, st, selected)
 	}
 	switch {
+	case running(st) && r.cfg.CBT:
+		err = r.cbtOnline(ctx, dom)
 	case running(st):
 		err = r.online(ctx, dom)
 	case st == virt.StateShutoff || st == virt.StatePaused || st == virt.StateCrashed:

@@ -139,12 +139,19 @@ type CBTTarget struct {
 	Mode    os.FileMode // the final file's permission bits
 }
 
-// Final is the target's final path.
-func (d *Dir) Final(t CBTTarget) string { return filepath.Join(d.Path, t.Name) }
+// Final is the target's final path, absolute (libvirt takes no other).
+func (d *Dir) Final(t CBTTarget) string { return filepath.Join(d.abs(), t.Name) }
 
-// Temp is the hidden name the target is written under.
+// Temp is the hidden name the target is written under, absolute.
 func (d *Dir) Temp(t CBTTarget) string {
-	return filepath.Join(d.Path, "."+t.Name+".fi-backup-cbt")
+	return filepath.Join(d.abs(), "."+t.Name+".fi-backup-cbt")
+}
+
+func (d *Dir) abs() string {
+	if p, err := filepath.Abs(d.Path); err == nil {
+		return p
+	}
+	return d.Path
 }
 
 // ReserveCBT claims the names of a run's targets at moment: each temporary
