@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench.sh — `make bench`: fi-backup's performance against its targets, in one
-# table (stdout and docs/performance.md), measured side by side in one run on
-# the same files. Needs root and libvirtd (scripts/setup-host.sh); installs
+# markdown table (on stdout, and in bin/performance.md), measured side by side
+# in one run on the same files; progress goes to stderr. The README's
+# "Performance" section quotes the last run worth recording. Needs root and libvirtd (scripts/setup-host.sh); installs
 # hyperfine with apt when missing. Takes about 5 minutes on 2 cores.
 #
 #   1. copy engine vs cp --sparse=auto vs cat (dense, sparse, chain of overlays)
@@ -16,7 +17,8 @@
 #   BENCH_ALL=1  row 4 runs `fi-backup all` instead of naming its domains,
 #                if the host has no other domain (`all` backs up every
 #                domain defined: only on a machine nobody else uses)
-#   BENCH_DOC    report file (default docs/performance.md; empty: none)
+#   BENCH_DOC    report file, relative to the repository (default
+#                bin/performance.md, beside the binary; empty: none)
 # Everything the benchmark creates (fibb-* domains, their lock files, the
 # scratch directory) is removed at the end, also on failure or Ctrl-C. The
 # raw hyperfine output stays in /tmp/fibb-bench.log.
@@ -33,7 +35,7 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 1
 fi
 QUICK=${BENCH_QUICK:-0}
-DOC=${BENCH_DOC-docs/performance.md}
+DOC=${BENCH_DOC-bin/performance.md}
 LOG=/tmp/fibb-bench.log
 : >"$LOG"
 
@@ -65,7 +67,7 @@ trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 
 # --- prerequisites ---------------------------------------------------------------
-bash scripts/setup-host.sh || exit 1
+bash scripts/setup-host.sh >&2 || exit 1 # stdout is the table's
 command -v hyperfine >/dev/null || {
 	log "installing hyperfine"
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hyperfine >/dev/null 2>&1 ||
@@ -514,16 +516,9 @@ $MACHINE
 Reproduce: \`make bench\` (or \`bash scripts/bench.sh\`), as root; this run took ${elapsed} s$([ "$QUICK" = 1 ] && echo " (BENCH_QUICK=1: smoke-test sizes, not for the record)").
 EOF
 )
-echo
-echo "$report"
+printf '%s\n' "$report"
 if [ -n "$DOC" ]; then
 	mkdir -p "$(dirname "$DOC")"
-	printf '%s\n' "$report" >"$W/report"
-	if [ -f "$DOC" ] && grep -q '^<!-- bench:begin -->' "$DOC"; then
-		# Replace the generated part, keep the hand-written text around it.
-		awk -v r="$W/report" '/^<!-- bench:begin -->/ {print; while ((getline l < r) > 0) print l; skip=1; next} /^<!-- bench:end -->/ {skip=0} !skip' "$DOC" >"$W/doc.new" && cat "$W/doc.new" >"$DOC"
-	else
-		{ echo "# Performance"; echo; echo "<!-- bench:begin -->"; cat "$W/report"; echo "<!-- bench:end -->"; } >"$DOC"
-	fi
+	printf '# fi-backup performance\n\n%s\n' "$report" >"$DOC"
 	log "report written to $DOC"
 fi

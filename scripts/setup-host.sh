@@ -15,9 +15,11 @@ fi
 # 1. Packages.
 # locales + libvirt-l10n: the tests run fi-backup under a German locale in
 # which virsh really prints translated state words (the old script's B17).
+# groff-base, man-db, systemd: the tests of cmd/fi-backup render the man page
+# and run systemd-analyze verify on the units (nothing starts systemd).
 pkgs=(libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 	qemu-system-x86 qemu-utils qemu-block-extra pkg-config gcc util-linux
-	e2fsprogs busybox-static locales libvirt-l10n)
+	e2fsprogs busybox-static locales libvirt-l10n groff-base man-db systemd)
 missing=()
 for p in "${pkgs[@]}"; do
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then

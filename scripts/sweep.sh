@@ -8,7 +8,10 @@ while IFS= read -r dom; do
 	[ -n "$dom" ] || continue
 	case "$dom" in fibt-*) ;; *) continue ;; esac
 	virsh -q -c qemu:///system destroy "$dom" >/dev/null 2>&1
-	virsh -q -c qemu:///system undefine "$dom" >/dev/null 2>&1
+	# A domain with checkpoint or snapshot metadata (--cbt tests) is only
+	# undefined together with it.
+	virsh -q -c qemu:///system undefine "$dom" --checkpoints-metadata --snapshots-metadata >/dev/null 2>&1 ||
+		virsh -q -c qemu:///system undefine "$dom" >/dev/null 2>&1
 	rm -f "/var/lock/$dom.fi-backup.lock" "/var/lock/$dom.fi-backup.job"
 	echo "sweep: removed domain $dom"
 done < <(virsh -q -c qemu:///system list --all --name 2>/dev/null)

@@ -28,7 +28,9 @@ import (
 	"github.com/fi-backup/fi-backup/internal/journal"
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/progress"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
+	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
@@ -63,6 +65,7 @@ type Env struct {
 	QemuImg   string
 	Tool      string        // "fi-backup <version>", recorded in the manifests
 	PollEvery time.Duration // block-job poll (tests make it short); 0: the default
+	Progress  *progress.UI  // the terminal's progress display; nil: none
 }
 
 // ErrFailed marks a domain whose failure has been reported.
@@ -81,6 +84,9 @@ type Runner struct {
 	chains  chains.Reader
 	dir     *backupdir.Dir // nil without -b
 	images  qcow2.Tool
+	ui      *progress.UI
+	rep     *report.Domain    // this domain's record in the run's report; nil: none
+	diskOf  map[string]string // host chain file → disk target, for the report
 	jobs    *blockjob.Consolidator
 	cbt     *cbt.Runner
 }
@@ -89,7 +95,7 @@ type Runner struct {
 func New(cfg Config, env Env) *Runner {
 	tool := qcow2.Tool{Path: env.QemuImg}
 	r := &Runner{
-		cfg: cfg, p: env.P, hyp: env.Hyp, prog: env.Prog, now: env.Now, lockDir: env.LockDir, tool: env.Tool, images: tool,
+		cfg: cfg, p: env.P, hyp: env.Hyp, prog: env.Prog, now: env.Now, lockDir: env.LockDir, tool: env.Tool, images: tool, ui: env.Progress,
 		journal: journal.Store{Dir: env.LockDir},
 		chains:  chains.Reader{P: env.P, Hyp: env.Hyp, Tool: tool},
 	}
@@ -120,6 +126,64 @@ func New(cfg Config, env Env) *Runner {
 	return r
 }
 
+// For is the runner of one domain's turn: everything it prints goes to p,
+// what it does is recorded in rd (nil: no report). Turns of different
+// domains may run at once, each with its own For.
+func (r *Runner) For(name string, p *logging.Printer, rd *report.Domain) *Runner {
+	c := *r
+	c.p, c.rep, c.diskOf = p, rd, map[string]string{}
+	c.chains.P = p
+	jobs := *r.jobs
+	jobs.P = p
+	c.jobs = &jobs
+	cj := *r.cbt
+	cj.P = p
+	c.cbt = &cj
+	var copyBar func(string, int64) *progress.Bar
+	if r.ui != nil {
+		jobs.Bar = func(target string) *progress.Bar { return r.ui.Job(name, target, string(r.cfg.Method)) }
+		copyBar = func(src string, total int64) *progress.Bar { return r.ui.Copy(name, src, total) }
+	}
+	if r.dir != nil {
+		c.dir = r.dir.For(p, c.observeCopy, copyBar)
+	}
+	return &c
+}
+
+// note changes this domain's report record, if there is one.
+func (r *Runner) note(fn func(d *report.Domain)) {
+	if r.rep != nil {
+		r.rep.Update(fn)
+	}
+}
+
+// act records an action of this domain's turn.
+func (r *Runner) act(action string) {
+	if r.rep != nil {
+		r.rep.Act(action)
+	}
+}
+
+// observeCopy records a chain file the backup directory handled.
+func (r *Runner) observeCopy(ev backupdir.CopyEvent) {
+	if r.rep == nil {
+		return
+	}
+	target := r.diskOf[ev.Source]
+	r.rep.AddFile(target, "", report.File{Source: ev.Source, Dest: ev.Dest, Copied: ev.Copied, Reason: ev.Reason, Bytes: ev.Bytes, Seconds: ev.Seconds})
+}
+
+// chainsCopied tells the report which disk each chain file belongs to.
+func (r *Runner) chainsCopied(target, source string, chain []virt.Image) {
+	if r.rep == nil {
+		return
+	}
+	r.rep.Disk(target, source)
+	for _, img := range chain {
+		r.diskOf[img.Path] = target
+	}
+}
+
 // Run backs up (and/or consolidates) one domain. selected is the state it
 // had when the domains were listed; it is read again under the domain's
 // lock, because a domain started (or stopped) since then must go the way its
@@ -144,6 +208,7 @@ func (r *Runner) Run(ctx context.Context, name string, selected virt.State) erro
 		return ErrFailed
 	}
 	defer dom.Close()
+	defer r.summarize(ctx, dom)
 	if err := r.recover(dom); err != nil {
 		return err
 	}
@@ -216,5 +281,37 @@ func (r *Runner) holder(ctx context.Context, name string, files []string) func()
 		u := r.chains.Others(ctx, name, false)
 		u.Add(name, files...)
 		return u
+	}
+}
+
+// summarize records, at the end of a domain's turn, what the fleet watches:
+// the length of each disk's chain on the host (overlays piling up) and the
+// restore points in the backup directory.
+func (r *Runner) summarize(ctx context.Context, dom virt.Domain) {
+	if r.rep == nil {
+		return
+	}
+	ctx = context.WithoutCancel(ctx) // also after a signal: the report says where things stand
+	if disks, err := dom.Disks(); err == nil {
+		for _, d := range virt.FileDisks(disks) {
+			n := 0
+			if d.Complete {
+				n = len(d.Chain)
+			} else if c, err := r.chains.OfFile(ctx, d.Source); err == nil {
+				n = len(c)
+			}
+			r.rep.Disk(d.Target, d.Source)
+			r.note(func(rd *report.Domain) {
+				for _, k := range rd.Disks {
+					if k.Target == d.Target {
+						k.HostChainLength = n
+					}
+				}
+			})
+		}
+	}
+	if r.dir != nil && r.dir.Exists() {
+		n := len(r.dir.Points([]string{dom.Name()}, r.owner(ctx), nil))
+		r.note(func(rd *report.Domain) { rd.RestorePoints = n })
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/fi-backup/fi-backup/internal/copyfile"
 	"github.com/fi-backup/fi-backup/internal/journal"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
+	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
@@ -39,6 +40,27 @@ type cbtDisk struct {
 	bitmap bool   // qcow2: the checkpoint tracks it
 	prev   []backupdir.File
 	target backupdir.CBTTarget
+	// changed is libvirt's estimate of the bytes an increment copies;
+	// -1 when unknown.
+	changed int64
+}
+
+// need is about what a disk's part writes into the backup directory: the
+// changes since the checkpoint for an increment, the data of its whole
+// chain for a full backup (never-written areas cost nothing).
+func (d *cbtDisk) need() int64 {
+	if len(d.prev) > 0 {
+		return max(d.changed, 0)
+	}
+	files := virt.Paths(d.disk.Chain)
+	if len(files) == 0 {
+		files = []string{d.disk.Source}
+	}
+	var n int64
+	for _, f := range files {
+		n += backupdir.Allocated(f)
+	}
+	return n
 }
 
 // cbtOnline backs up one running domain with --cbt.
@@ -154,6 +176,13 @@ func (r *Runner) cbtRun(ctx context.Context, dom virt.Domain, id string, all []v
 			d.target.Backing = d.prev[0].Name
 		}
 	}
+	var need int64
+	for _, d := range disks {
+		need += d.need()
+	}
+	if err := r.dir.AdmitCBT(name, need); err != nil {
+		return ErrFailed
+	}
 	at, err := r.cbtReserve(ctx, name, disks)
 	if err != nil {
 		return err
@@ -201,8 +230,16 @@ func (r *Runner) cbtRun(ctx context.Context, dom virt.Domain, id string, all []v
 		q = " with its file systems frozen (-q)"
 	}
 	r.p.Verb("Starting the backup of '%s'%s, with checkpoint '%s'", name, q, checkpoint)
+	r.act(report.ActionCBT)
+	if r.cfg.Quiesce {
+		r.act(report.ActionQuiesce)
+	}
+	job := &report.CBT{Checkpoint: checkpoint, Incremental: base}
+	r.note(func(rd *report.Domain) { rd.CBT, rd.Quiesced = job, r.cfg.Quiesce })
 	start := time.Now()
-	if err := r.cbt.Run(ctx, dom, spec, rec, r.cfg.Quiesce); err != nil {
+	err = r.cbt.Run(ctx, dom, spec, rec, r.cfg.Quiesce)
+	r.note(func(*report.Domain) { job.Seconds, job.OK = time.Since(start).Seconds(), err == nil })
+	if err != nil {
 		if errors.Is(err, cbt.ErrInconsistent) && base != "" {
 			return err // the caller starts over with a full backup
 		}
@@ -223,6 +260,14 @@ func (r *Runner) cbtRun(ctx context.Context, dom virt.Domain, id string, all []v
 		}
 		bytes += f.Size
 		points = append(points, cbtCopied(d, f))
+		if r.rep != nil {
+			why := "full backup"
+			if len(d.prev) > 0 {
+				why = "changes since checkpoint " + base
+			}
+			r.rep.AddFile(d.disk.Target, d.disk.Source, report.File{Source: d.disk.Source, Dest: r.dir.Final(d.target), Copied: true, Reason: why,
+				Bytes: backupdir.Allocated(r.dir.Final(d.target)), Seconds: time.Since(start).Seconds()})
+		}
 	}
 	r.p.Verb("Backup of block devices of '%s' successful: %s written in %.3fs", name, humanBytes(bytes), time.Since(start).Seconds())
 	if err := r.record(ctx, dom, at, backupdir.MethodCBT, all, points, ""); err != nil {
@@ -315,6 +360,10 @@ func (r *Runner) cbtBase(dom virt.Domain, id string, disks []*cbtDisk, forceFull
 			continue
 		}
 		d.prev, incremental = p.Chain, true
+		d.changed = -1
+		if n, ok := base.Changed[d.disk.Target]; ok {
+			d.changed = int64(n)
+		}
 	}
 	if !incremental {
 		return "", nil

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/fi-backup/fi-backup/internal/journal"
+	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"github.com/fi-backup/fi-backup/internal/statedump"
 	"github.com/fi-backup/fi-backup/internal/virt"
@@ -27,6 +28,7 @@ func stateFile(dir, domain string, ts time.Time) (string, error) {
 // reported ("[ERR] Domain state dump failed!" last).
 func (r *Runner) startDump(ctx context.Context, dom virt.Domain, ts time.Time) (*statedump.Dump, error) {
 	name := dom.Name()
+	r.act(report.ActionDump)
 	r.p.Verb("Dumping domain state")
 	path, err := stateFile(r.cfg.DumpDir, name, ts)
 	if err != nil {

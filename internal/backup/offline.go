@@ -5,6 +5,7 @@ import (
 	"strings"
 
 	"github.com/fi-backup/fi-backup/internal/backupdir"
+	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
@@ -38,7 +39,9 @@ func (r *Runner) offline(ctx context.Context, dom virt.Domain, before virt.State
 		return ErrFailed
 	}
 	if r.cfg.Consolidate {
-		return r.jobs.Offline(ctx, dom, r.images, r.chains.OfFile, r.chains.Others(ctx, name, false))
+		return r.consolidated(func() error {
+			return r.jobs.Offline(ctx, dom, r.images, r.chains.OfFile, r.chains.Others(ctx, name, false))
+		}, true)
 	}
 	return nil
 }
@@ -89,6 +92,8 @@ func (r *Runner) copyOffline(ctx context.Context, dom virt.Domain, before virt.S
 			continue
 		}
 		r.offlineWalkLines(d.Source, chains[i], &listed)
+		r.act(report.ActionOffline)
+		r.chainsCopied(d.Target, d.Source, chains[i])
 		files, err := r.dir.CopyChain(ctx, name, chains[i], true)
 		if err != nil {
 			failed = true

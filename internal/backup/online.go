@@ -2,8 +2,10 @@ package backup
 
 import (
 	"context"
+	"time"
 
 	"github.com/fi-backup/fi-backup/internal/backupdir"
+	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"github.com/fi-backup/fi-backup/internal/statedump"
 	"github.com/fi-backup/fi-backup/internal/virt"
@@ -24,7 +26,20 @@ func (r *Runner) online(ctx context.Context, dom virt.Domain) error {
 	}
 	// Read the other domains' chains before any job: a commit must not
 	// write into a file they use, and no file they use may be deleted.
-	if err := r.jobs.Domain(ctx, dom, r.chains.Others(ctx, dom.Name(), true)); err != nil {
+	return r.consolidated(func() error {
+		return r.jobs.Domain(ctx, dom, r.chains.Others(ctx, dom.Name(), true))
+	}, false)
+}
+
+// consolidated runs a consolidation and records it in the report.
+func (r *Runner) consolidated(run func() error, offline bool) error {
+	r.act(report.ActionConsolidate)
+	start := time.Now()
+	err := run()
+	r.note(func(d *report.Domain) {
+		d.Consolidation = &report.Consolidation{Method: string(r.cfg.Method), Offline: offline, Seconds: time.Since(start).Seconds(), OK: err == nil}
+	})
+	if err != nil {
 		return ErrFailed
 	}
 	return nil
@@ -79,6 +94,10 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		defer dump.Close()
 	}
 	r.p.Debug("Snapshotting block devices for '%s' using suffix '%s'", name, snap)
+	r.act(report.ActionSnapshot)
+	if r.cfg.Quiesce {
+		r.act(report.ActionQuiesce)
+	}
 	if err := snapshot.Take(r.p, dom, snap, r.cfg.Quiesce); err != nil {
 		if dump != nil {
 			// No disk snapshot matches the dumped RAM: drop it.
@@ -86,7 +105,13 @@ func (r *Runner) snapshotAndCopy(ctx context.Context, dom virt.Domain) error {
 		}
 		return ErrFailed
 	}
+	r.note(func(d *report.Domain) { d.Snapshot, d.Quiesced = snap, r.cfg.Quiesce })
 	failed := dump != nil && r.finishDump(dump, true) != nil
+	if dump != nil {
+		r.note(func(d *report.Domain) {
+			d.Dump = &report.Dump{File: dump.Path(), PauseSeconds: dump.Pause().Seconds()}
+		})
+	}
 	release()
 	if r.dir == nil {
 		r.p.Debug("No backup directory specified")
@@ -130,6 +155,8 @@ func (r *Runner) copyOnline(ctx context.Context, dom virt.Domain) ([]virt.Disk, 
 			continue
 		}
 		r.p.ChainWalk(virt.Paths(d.Chain))
+		r.act(report.ActionCopy)
+		r.chainsCopied(d.Target, d.Source, d.Chain[1:])
 		files, err := r.dir.CopyChain(ctx, dom.Name(), d.Chain[1:], false)
 		if err != nil {
 			failed = true

@@ -9,6 +9,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/fi-backup/fi-backup/internal/backupdir"
+	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
@@ -75,6 +76,7 @@ func (r *Runner) record(ctx context.Context, dom virt.Domain, at time.Time, meth
 		return ErrFailed
 	}
 	r.p.Debug("Restore point %s of '%s' recorded in '%s'", moment, name, r.dir.MetaPath(name, moment, ".json"))
+	r.note(func(d *report.Domain) { d.Moment = moment })
 	return nil
 }
 

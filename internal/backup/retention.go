@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"github.com/fi-backup/fi-backup/internal/report"
 )
 
 // prune applies --keep to a domain whose backup (and consolidation) just
@@ -15,7 +17,9 @@ func (r *Runner) prune(ctx context.Context, name string) error {
 	if r.cfg.Keep < 1 || r.dir == nil {
 		return nil
 	}
-	freed, err := r.dir.Prune(ctx, name, r.cfg.Keep, r.owner(ctx))
+	r.act(report.ActionPrune)
+	gone, freed, err := r.dir.Prune(ctx, name, r.cfg.Keep, r.owner(ctx))
+	r.note(func(d *report.Domain) { d.Pruned, d.FreedBytes = gone, freed })
 	if err != nil {
 		r.p.Err("Cannot prune the restore points of '%s' in '%s': %v", name, r.dir.Path, err)
 		return ErrFailed

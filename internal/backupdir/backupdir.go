@@ -25,6 +25,7 @@ import (
 
 	"github.com/fi-backup/fi-backup/internal/copyfile"
 	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/progress"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
 )
 
@@ -45,6 +46,30 @@ type Dir struct {
 	Tool  qcow2.Tool
 	Limit *rate.Limiter // shared by all copies of the run; nil: unlimited
 
+	// StepHook, when set, is called after each step of a change of the
+	// directory (a retention merge, a generation) with the step's name; an
+	// error stops the change there as a kill would. Tests only.
+	StepHook func(step string) error
+	// Observe, when set, is told about every chain file a copy handles.
+	Observe func(CopyEvent)
+	// Bar, when set, gives the progress display's bar of a file copy.
+	Bar func(src string, total int64) *progress.Bar
+
+	sh *dirState // shared by the views of For
+}
+
+// CopyEvent is one chain file a copy handled.
+type CopyEvent struct {
+	Domain, Source, Dest string
+	Copied               bool   // false: up to date (or merged away)
+	Reason               string // the cp -u decision
+	Bytes                int64  // data bytes written
+	Seconds              float64
+}
+
+// dirState is what one run learns about the directory, whatever domain's
+// turn (running at once) asks.
+type dirState struct {
 	cleanOnce sync.Once
 	claimsMu  sync.Mutex
 	claims    map[string]string // copy → source it holds in this run
@@ -52,11 +77,23 @@ type Dir struct {
 	res       time.Duration
 	hashMu    sync.Mutex
 	hashes    map[string]File // checksums the manifests record, by file name
+}
 
-	// StepHook, when set, is called after each step of a change of the
-	// directory (a retention merge, a generation) with the step's name; an
-	// error stops the change there as a kill would. Tests only.
-	StepHook func(step string) error
+var stateInit sync.Mutex
+
+func (d *Dir) st() *dirState {
+	stateInit.Lock()
+	defer stateInit.Unlock()
+	if d.sh == nil {
+		d.sh = &dirState{}
+	}
+	return d.sh
+}
+
+// For is a view of the directory for one domain's turn: its own printer
+// and observer, the run's shared state (name claims, probes, checksums).
+func (d *Dir) For(p *logging.Printer, observe func(CopyEvent), bar func(src string, total int64) *progress.Bar) *Dir {
+	return &Dir{Path: d.Path, P: p, Tool: d.Tool, Limit: d.Limit, StepHook: d.StepHook, Observe: observe, Bar: bar, sh: d.st()}
 }
 
 // Exists reports whether the directory (still) exists.
@@ -118,7 +155,40 @@ func (d *Dir) Admit(name string, files []string, holder func() Holder) error {
 			return ErrFailed
 		}
 	}
+	if need, have, ok := d.room(name, files); !ok {
+		d.P.Err("Not enough free space in '%s' for the backup of '%s': it copies up to %s, and %s are free", d.Path, name, human(need), human(have))
+		return ErrFailed
+	}
 	return nil
+}
+
+// room checks that the backup file system can take the copies of files
+// this run will make: the allocated size of every source whose copy is
+// missing or older (cp -u), or merged away but changed since.
+func (d *Dir) room(domain string, files []string) (need, have int64, ok bool) {
+	merged := d.mergedSources(domain)
+	for _, src := range files {
+		sst, err := os.Stat(src)
+		if err != nil {
+			continue // reported when it is copied
+		}
+		if rec, found := merged[src]; found && rec.current() {
+			continue
+		}
+		var dstInfo os.FileInfo
+		if st, err := os.Lstat(d.Destination(src)); err == nil {
+			dstInfo = st
+		}
+		if copyIt, _, err := copyfile.NeedCopy(sst, dstInfo, d.timeResolution()); err == nil && copyIt {
+			need += allocated(src)
+		}
+	}
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(d.Path, &fs); err != nil {
+		return need, 0, true // unknown: the copy will tell
+	}
+	have = int64(fs.Bavail) * int64(fs.Bsize)
+	return need, have, need <= have
 }
 
 // samePath reports whether a and b name the same file after resolving
@@ -139,18 +209,18 @@ func samePath(a, b string) (bool, error) {
 // (B12): another source claimed dst in this run, or dst records (xattr) that
 // it holds the copy of another source.
 func (d *Dir) claim(dst, src string) error {
-	d.claimsMu.Lock()
-	defer d.claimsMu.Unlock()
-	if d.claims == nil {
-		d.claims = map[string]string{}
+	d.st().claimsMu.Lock()
+	defer d.st().claimsMu.Unlock()
+	if d.st().claims == nil {
+		d.st().claims = map[string]string{}
 	}
-	if prev, ok := d.claims[dst]; ok && prev != src {
+	if prev, ok := d.st().claims[dst]; ok && prev != src {
 		return fmt.Errorf("'%s' and '%s' would both be backed up as '%s': refusing to overwrite one with the other", prev, src, dst)
 	}
 	if owner := getSource(dst); owner != "" && owner != src {
 		return fmt.Errorf("'%s' already holds a copy of '%s': refusing to overwrite it with '%s'", dst, owner, src)
 	}
-	d.claims[dst] = src
+	d.st().claims[dst] = src
 	return nil
 }
 
@@ -158,7 +228,7 @@ func (d *Dir) claim(dst, src string) error {
 // left in the directory. Copies still being written by another fi-backup
 // (another domain sharing the directory) are locked and kept.
 func (d *Dir) cleanTemps() {
-	d.cleanOnce.Do(func() {
+	d.st().cleanOnce.Do(func() {
 		removed, err := copyfile.CleanTemps(d.Path)
 		for _, p := range removed {
 			d.P.Debug("Removed '%s' left by an interrupted copy", p)
@@ -172,18 +242,18 @@ func (d *Dir) cleanTemps() {
 // timeResolution is how precisely the directory keeps mtimes, probed once
 // per run (cp -u compares at that resolution).
 func (d *Dir) timeResolution() time.Duration {
-	d.resOnce.Do(func() {
+	d.st().resOnce.Do(func() {
 		res, err := copyfile.TimeResolution(d.Path)
 		if err != nil {
 			d.P.Debug("Cannot probe the time resolution of '%s' (%v): comparing to the nanosecond", d.Path, err)
 			res = time.Nanosecond
 		}
-		d.res = res
+		d.st().res = res
 		if res > time.Nanosecond {
 			d.P.Debug("'%s' keeps modification times to %s: cp -u compares at that resolution", d.Path, res)
 		}
 	})
-	return d.res
+	return d.st().res
 }
 
 func getSource(path string) string {

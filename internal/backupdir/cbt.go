@@ -280,3 +280,21 @@ func renameNoReplace(from, to string) error {
 	}
 	return err
 }
+
+// AdmitCBT checks that the backup file system can take a --cbt run of
+// domain that writes about need bytes (the data of its full backups, the
+// changes of its increments).
+func (d *Dir) AdmitCBT(domain string, need int64) error {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(d.Path, &fs); err != nil {
+		return nil // unknown: the job will tell
+	}
+	if have := int64(fs.Bavail) * int64(fs.Bsize); need > have {
+		d.P.Err("Not enough free space in '%s' for the backup of '%s': it writes up to %s, and %s are free", d.Path, domain, human(need), human(have))
+		return ErrFailed
+	}
+	return nil
+}
+
+// Allocated is the space a file takes on its file system.
+func Allocated(path string) int64 { return allocated(path) }

@@ -89,7 +89,7 @@ func TestPruneCBTSeries(t *testing.T) {
 	}
 	check(1, 2, 3, 4, 5, 6)
 
-	_, err := d.Prune(context.Background(), "dom", 3, nil)
+	_, _, err := d.Prune(context.Background(), "dom", 3, nil)
 	require.NoError(t, err)
 	check(4, 5, 6)
 	for k := 2; k <= 3; k++ {
@@ -100,7 +100,7 @@ func TestPruneCBTSeries(t *testing.T) {
 	assert.Equal(t, full, b, "the oldest kept increment now sits on the full backup")
 	assert.Empty(t, d.readRetention("dom").Merged, "no host file recorded as merged")
 
-	_, err = d.Prune(context.Background(), "dom", 1, nil)
+	_, _, err = d.Prune(context.Background(), "dom", 1, nil)
 	require.NoError(t, err)
 	check(6)
 	left, err := filepath.Glob(filepath.Join(d.Path, "vm.*"))

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fi-backup/fi-backup/internal/copyfile"
+	"github.com/fi-backup/fi-backup/internal/progress"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
@@ -38,6 +39,7 @@ func (d *Dir) CopyChain(ctx context.Context, domain string, imgs []virt.Image, p
 		}
 		if rec, ok := merged[imgs[i].Path]; ok && below != nil && !parentReplaced && rec.Into == below.Name && rec.current() {
 			d.P.Debug("'%s' was merged into '%s' by --keep and has not changed: not copied again", imgs[i].Path, rec.Into)
+			d.observe(CopyEvent{Domain: domain, Source: imgs[i].Path, Dest: filepath.Join(d.Path, rec.Into), Reason: "merged into " + rec.Into + " by --keep"})
 			continue
 		}
 		var parent *virt.Image
@@ -137,6 +139,7 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 	}
 	d.P.Debug("'%s': %s", dst, reason)
 	if !need {
+		d.observe(CopyEvent{Domain: domain, Source: src.Path, Dest: dst, Reason: reason})
 		d.narrowMode(dst, dstInfo, sst)
 		if err := d.fixBacking(ctx, dst, backing, backingFormat, parent, preserve); err != nil {
 			return File{}, false, err
@@ -144,6 +147,11 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 		return done(false, "")
 	}
 	start := time.Now()
+	var bar *progress.Bar
+	if d.Bar != nil {
+		bar = d.Bar(src.Path, allocated(src.Path))
+		defer bar.Done()
+	}
 	st, err := copyfile.Copy(ctx, src.Path, dst, copyfile.Options{
 		Preserve: preserve,
 		Limit:    d.Limit,
@@ -181,7 +189,9 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 		}
 		return fail("Unable to copy '%s' to '%s': %v", src.Path, dst, err)
 	}
-	d.P.Debug("Copied %d bytes of '%s' in %.3fs", st.Bytes, src.Path, time.Since(start).Seconds())
+	took := time.Since(start).Seconds()
+	d.P.Debug("Copied %d bytes of '%s' in %.3fs", st.Bytes, src.Path, took)
+	d.observe(CopyEvent{Domain: domain, Source: src.Path, Dest: dst, Copied: true, Reason: reason, Bytes: st.Bytes, Seconds: took})
 	sum, err := hashFile(dst)
 	if err != nil {
 		return fail("Unable to read the copy '%s': %v", dst, err)
@@ -253,3 +263,9 @@ func (d *Dir) setBacking(ctx context.Context, path, backing, format string) erro
 }
 
 func backingOf(path string) (string, error) { return qcow2.BackingFile(path) }
+
+func (d *Dir) observe(ev CopyEvent) {
+	if d.Observe != nil {
+		d.Observe(ev)
+	}
+}

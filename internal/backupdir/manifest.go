@@ -283,21 +283,21 @@ func (d *Dir) ManifestDomains() []string {
 // be listed in this run's manifest. The newest manifest that names the file
 // wins.
 func (d *Dir) knownHash(name string, size int64) string {
-	d.hashMu.Lock()
-	defer d.hashMu.Unlock()
-	if d.hashes == nil {
-		d.hashes = map[string]File{}
+	d.st().hashMu.Lock()
+	defer d.st().hashMu.Unlock()
+	if d.st().hashes == nil {
+		d.st().hashes = map[string]File{}
 		for _, dom := range d.ManifestDomains() {
 			for _, m := range d.Manifests(dom, nil) { // oldest first: newer ones overwrite
 				for _, disk := range m.Disks {
 					for _, f := range disk.Chain {
-						d.hashes[f.Name] = f
+						d.st().hashes[f.Name] = f
 					}
 				}
 			}
 		}
 	}
-	if f, ok := d.hashes[name]; ok && f.Size == size {
+	if f, ok := d.st().hashes[name]; ok && f.Size == size {
 		return f.SHA256
 	}
 	return ""

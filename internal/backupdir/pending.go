@@ -253,9 +253,9 @@ func (d *Dir) rewriteManifests(domain string, renames map[string]string, rehash,
 }
 
 func (d *Dir) forgetHashes() {
-	d.hashMu.Lock()
-	d.hashes = nil
-	d.hashMu.Unlock()
+	d.st().hashMu.Lock()
+	d.st().hashes = nil
+	d.st().hashMu.Unlock()
 }
 
 // step lets a test stop a change after each of its steps, as a kill would.

@@ -57,45 +57,46 @@ type retention struct {
 }
 
 // Prune gives up the oldest restore points of domain so that keep remain
-// (keep ≥ 1) and reports the disk space it freed. owner attributes files
+// (keep ≥ 1) and reports the moments given up and the disk space freed. owner attributes files
 // of points without manifests. Pruning that cannot be done safely (a kept
 // point is broken, too little free space to merge) is reported with a
 // warning and skipped: nothing is lost, the directory just keeps more.
-func (d *Dir) Prune(ctx context.Context, domain string, keep int, owner Owner) (freed int64, err error) {
+func (d *Dir) Prune(ctx context.Context, domain string, keep int, owner Owner) (gone []string, freed int64, err error) {
 	if keep < 1 {
-		return 0, fmt.Errorf("keep must be at least 1, not %d", keep)
+		return nil, 0, fmt.Errorf("keep must be at least 1, not %d", keep)
 	}
 	if err := d.FinishPending(domain); err != nil {
-		return 0, err
+		return nil, 0, err
 	}
 	pts := d.Points([]string{domain}, owner, nil)
 	if len(pts) <= keep {
 		d.P.Debug("'%s' has %d restore points in '%s': none to prune (--keep=%d)", domain, len(pts), d.Path, keep)
-		return 0, nil
+		return nil, 0, nil
 	}
 	dropped, kept := pts[:len(pts)-keep], pts[len(pts)-keep:]
 	for _, pt := range kept {
 		if pt.Broken != nil {
 			d.P.Warn("Not pruning the restore points of '%s': the kept restore point %s is broken (%v)", domain, pt.Moment, pt.Broken)
-			return 0, nil
+			return nil, 0, nil
 		}
 	}
 	p, err := d.plan(domain, dropped, kept)
 	if err != nil {
-		return 0, err
+		return nil, 0, err
 	}
 	if need, have, ok := d.roomToMerge(p); !ok {
 		d.P.Warn("Not pruning the restore points of '%s': merging them needs up to %s free in '%s', which has %s", domain, human(need), d.Path, human(have))
-		return 0, nil
+		return nil, 0, nil
 	}
 	before := d.usage()
 	for _, pt := range dropped {
 		d.P.Info("Pruning restore point %s of '%s' (--keep=%d)", pt.Moment, domain, keep)
+		gone = append(gone, pt.Moment)
 	}
 	if err := d.apply(ctx, domain, p); err != nil {
-		return 0, err
+		return gone, 0, err
 	}
-	return before - d.usage(), nil
+	return gone, before - d.usage(), nil
 }
 
 // plan is the redo record that gives up dropped and keeps kept exact.

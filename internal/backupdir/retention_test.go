@@ -142,7 +142,7 @@ func TestPruneKeepsTheNewestExact(t *testing.T) {
 	require.NoError(t, err)
 	before := d.usage()
 
-	freed, err := d.Prune(context.Background(), "dom", 3, nil)
+	_, freed, err := d.Prune(context.Background(), "dom", 3, nil)
 	require.NoError(t, err)
 	assertPoints(t, d, 4, 5, 6)
 	assert.False(t, exists(filepath.Join(d.Path, "vm.bimg-20240101-000001")), "merged away")
@@ -159,13 +159,13 @@ func TestPruneKeepsTheNewestExact(t *testing.T) {
 	d.Manifests("dom", func(p string, err error) { t.Errorf("after a prune, '%s' is not a manifest: %v", p, err) })
 
 	// Nothing to prune: nothing changes.
-	freed, err = d.Prune(context.Background(), "dom", 3, nil)
+	_, freed, err = d.Prune(context.Background(), "dom", 3, nil)
 	require.NoError(t, err)
 	assert.Zero(t, freed)
 	assertPoints(t, d, 4, 5, 6)
 
 	// keep 1: only the newest.
-	_, err = d.Prune(context.Background(), "dom", 1, nil)
+	_, _, err = d.Prune(context.Background(), "dom", 1, nil)
 	require.NoError(t, err)
 	assertPoints(t, d, 6)
 	left, err := filepath.Glob(filepath.Join(d.Path, "vm.*"))
@@ -180,7 +180,7 @@ func TestPruneKeepsTheNewestExact(t *testing.T) {
 func TestPruneThenBackupCopiesOnlyTheNew(t *testing.T) {
 	t.Parallel()
 	d, imgs, _ := sixPoints(t)
-	_, err := d.Prune(context.Background(), "dom", 3, nil)
+	_, _, err := d.Prune(context.Background(), "dom", 3, nil)
 	require.NoError(t, err)
 
 	files := recordPoint(t, d, imgs, 7)
@@ -192,7 +192,7 @@ func TestPruneThenBackupCopiesOnlyTheNew(t *testing.T) {
 	assert.False(t, exists(filepath.Join(d.Path, "vm.bimg-20240101-000001")), "not copied again")
 	assertPoints(t, d, 4, 5, 6, 7)
 
-	_, err = d.Prune(context.Background(), "dom", 3, nil)
+	_, _, err = d.Prune(context.Background(), "dom", 3, nil)
 	require.NoError(t, err)
 	assertPoints(t, d, 5, 6, 7)
 
@@ -210,7 +210,7 @@ func TestPruneThenBackupCopiesOnlyTheNew(t *testing.T) {
 func TestPruneAcrossGenerations(t *testing.T) {
 	t.Parallel()
 	d, imgs, _ := sixPoints(t)
-	_, err := d.Prune(context.Background(), "dom", 3, nil)
+	_, _, err := d.Prune(context.Background(), "dom", 3, nil)
 	require.NoError(t, err)
 	// -C: everything committed into the host base.
 	run(t, "qemu-img", "commit", "-q", "-b", imgs[0].Path, imgs[6].Path)
@@ -225,7 +225,7 @@ func TestPruneAcrossGenerations(t *testing.T) {
 	require.Len(t, pts, 4)
 	assertHolds(t, d.Path, "vm.qcow2", 7)
 
-	_, err = d.Prune(context.Background(), "dom", 2, nil)
+	_, _, err = d.Prune(context.Background(), "dom", 2, nil)
 	require.NoError(t, err)
 	pts = d.Points([]string{"dom"}, nil, nil)
 	require.Len(t, pts, 2)
@@ -260,7 +260,7 @@ func TestPruneSurvivesAKillAtEveryStep(t *testing.T) {
 			}
 			return nil
 		}
-		_, err := d.Prune(context.Background(), "dom", 3, nil)
+		_, _, err := d.Prune(context.Background(), "dom", 3, nil)
 		if err == nil {
 			break // fewer steps than n: every step was tried
 		}
@@ -313,7 +313,7 @@ func TestPruneWhoseMergeFails(t *testing.T) {
 	t.Parallel()
 	d, _, out := sixPoints(t)
 	failingCommit(t, d)
-	_, err := d.Prune(context.Background(), "dom", 3, nil)
+	_, _, err := d.Prune(context.Background(), "dom", 3, nil)
 	require.NoError(t, err)
 	assert.Contains(t, out.String(), "[WAR] Could not merge the oldest restore points of 'dom' (")
 	assert.Contains(t, out.String(), "No space left on device")
@@ -334,7 +334,7 @@ func TestPruneLeavesOtherHardLinksAlone(t *testing.T) {
 		require.NoError(t, os.Link(filepath.Join(d.Path, "vm.qcow2"), other))
 	}
 	before := sum(t, other)
-	_, err := d.Prune(context.Background(), "dom", 3, nil)
+	_, _, err := d.Prune(context.Background(), "dom", 3, nil)
 	require.NoError(t, err)
 	assertPoints(t, d, 4, 5, 6)
 	assert.Equal(t, before, sum(t, other), "the other name was not written through")
@@ -373,7 +373,7 @@ func TestPruneSharedTemplate(t *testing.T) {
 			Disks: []Disk{{Target: "vda", BackedUp: true, Name: "a.qcow2", Chain: fa}, {Target: "vdb", BackedUp: true, Name: "b.qcow2", Chain: fb}}}))
 	}
 	tplSum := sum(t, filepath.Join(d.Path, "tpl.qcow2"))
-	_, err := d.Prune(context.Background(), "dom", 2, nil)
+	_, _, err := d.Prune(context.Background(), "dom", 2, nil)
 	require.NoError(t, err)
 	pts := d.Points([]string{"dom"}, nil, nil)
 	require.Len(t, pts, 2)
@@ -400,7 +400,7 @@ func TestPruneOldToolDirectory(t *testing.T) {
 	}
 	owner := func(name, _ string) Origin { return Origin{Domain: "dom", Target: "vda"} }
 	require.Len(t, d.Points(nil, owner, nil), 5)
-	_, err := d.Prune(context.Background(), "dom", 2, owner)
+	_, _, err := d.Prune(context.Background(), "dom", 2, owner)
 	require.NoError(t, err)
 	pts := d.Points(nil, owner, nil)
 	require.Len(t, pts, 2)
@@ -433,7 +433,7 @@ func TestPruneOldToolDirectoryOnTemplate(t *testing.T) {
 	// The host files change: a merge that read them would show it.
 	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x66 0 8M", imgs[0].Path)
 	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x66 6M 1M", tpl.Path)
-	_, err := d.Prune(context.Background(), "dom", 2, owner)
+	_, _, err := d.Prune(context.Background(), "dom", 2, owner)
 	require.NoError(t, err)
 	pts := d.Points(nil, owner, nil)
 	require.Len(t, pts, 2)

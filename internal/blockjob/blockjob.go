@@ -32,6 +32,7 @@ import (
 
 	"github.com/fi-backup/fi-backup/internal/journal"
 	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/progress"
 	"github.com/fi-backup/fi-backup/internal/snapshot"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
@@ -84,6 +85,8 @@ type Consolidator struct {
 	Timeout   time.Duration // per job; 30 minutes when 0
 	Bandwidth uint64        // bytes/s per job; 0: unlimited
 	PollEvery time.Duration // safety-net poll; 200 ms when 0
+	// Bar, when set, gives the progress display's bar of a disk's job.
+	Bar func(target string) *progress.Bar
 }
 
 func (c *Consolidator) pollEvery() time.Duration {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/fi-backup/fi-backup/internal/journal"
+	"github.com/fi-backup/fi-backup/internal/progress"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
@@ -66,6 +67,11 @@ func (c *Consolidator) wait(ctx context.Context, dom Domain, events <-chan virt.
 	defer deadline.Stop()
 	tick := time.NewTicker(c.pollEvery())
 	defer tick.Stop()
+	var bar *progress.Bar
+	if c.Bar != nil {
+		bar = c.Bar(target)
+		defer bar.Done()
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -91,7 +97,8 @@ func (c *Consolidator) wait(ctx context.Context, dom Domain, events <-chan virt.
 				return true, errors.New("block job was cancelled")
 			}
 		case <-tick.C:
-			ready, gone, err := poll(dom, kind, target)
+			ready, gone, info, err := poll(dom, kind, target)
+			bar.Set(int64(info.Cur), int64(info.End))
 			switch {
 			case err != nil:
 				return gone, err
@@ -107,23 +114,23 @@ func (c *Consolidator) wait(ctx context.Context, dom Domain, events <-chan virt.
 // poll reports READY (commit) or finished (pull) from libvirt's state. gone
 // means the job no longer exists although it did not do its work (the
 // domain stopped, someone aborted it): err says why.
-func poll(dom Domain, kind virt.JobKind, target string) (ready, gone bool, err error) {
-	info, err := dom.JobInfo(target)
+func poll(dom Domain, kind virt.JobKind, target string) (ready, gone bool, info virt.JobInfo, err error) {
+	info, err = dom.JobInfo(target)
 	switch {
 	case errors.Is(err, virt.ErrNotRunning):
-		return false, true, errors.New("the domain stopped during the block job")
+		return false, true, info, errors.New("the domain stopped during the block job")
 	case err != nil:
-		return false, false, err
+		return false, false, info, err
 	case kind == virt.JobPull:
-		return !info.Active, false, nil
+		return !info.Active, false, info, nil
 	case !info.Active:
-		return false, true, errors.New("the block job ended without becoming ready")
+		return false, true, info, errors.New("the block job ended without becoming ready")
 	}
 	d, err := diskByTarget(dom, target)
 	if err != nil {
-		return false, false, err
+		return false, false, info, err
 	}
-	return d.Mirror != nil && d.Mirror.Ready == "yes", false, nil
+	return d.Mirror != nil && d.Mirror.Ready == "yes", false, info, nil
 }
 
 func (c *Consolidator) pivot(ctx context.Context, dom Domain, target string) (over bool, err error) {

@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 	"unicode"
@@ -22,6 +23,8 @@ import (
 	"github.com/fi-backup/fi-backup/internal/backup"
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/logging"
+	"github.com/fi-backup/fi-backup/internal/progress"
+	"github.com/fi-backup/fi-backup/internal/report"
 	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
@@ -44,7 +47,10 @@ type Env struct {
 
 type app struct {
 	Env
-	p *logging.Printer
+	p   *logging.Printer
+	rep *report.Run // --report or --textfile_dir; nil: none
+	ui  *progress.UI
+	o   *Options // once parsed
 }
 
 // Main runs fi-backup with the real environment and returns the exit code.
@@ -86,7 +92,11 @@ func Run(ctx context.Context, env Env, args []string) int {
 	if a.Now == nil {
 		a.Now = time.Now
 	}
-	a.p = logging.New(env.Stdout, false, false)
+	// On a terminal, stderr shows the copies and jobs as they go.
+	ui, logTo := progress.Start(env.Stdout, env.Stderr)
+	defer ui.Stop()
+	a.ui = ui
+	a.p = logging.New(logTo, false, false)
 	ctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
 	if env.Signals != nil {
@@ -94,15 +104,44 @@ func Run(ctx context.Context, env Env, args []string) int {
 	}
 	err := a.run(ctx, args)
 	var se signalError
+	signal := ""
 	if errors.As(context.Cause(ctx), &se) {
 		a.p.Err("Interrupted by %s: stopped after cleaning up", unix.SignalName(se.sig))
 		err = errors.Join(err, se)
+		signal = unix.SignalName(se.sig)
+	}
+	if a.rep != nil && !a.writeReport(exitCode(err), signal) {
+		err = errors.Join(err, errReport)
 	}
 	if werr := a.p.WriteErr(); werr != nil {
 		fmt.Fprintf(a.Stderr, "fi-backup: output lost: %v\n", werr)
 		err = errors.Join(err, errOutputLost)
 	}
 	return exitCode(err)
+}
+
+// writeReport writes the --report document and the --textfile_dir
+// metrics of the run that ends with code; a failure is an [ERR] (the
+// backups themselves happened).
+func (a *app) writeReport(code int, signal string) bool {
+	if code == ExitOK && a.p.WriteErr() != nil {
+		code = ExitFailure
+	}
+	a.rep.Finish(a.Now(), code, signal)
+	ok := true
+	if a.o.Report != "" {
+		if err := a.rep.WriteFile(a.o.Report); err != nil {
+			a.p.Err("Cannot write the report '%s': %v", a.o.Report, err)
+			ok = false
+		}
+	}
+	if a.o.TextfileDir != "" {
+		if err := a.rep.WriteMetrics(a.o.TextfileDir); err != nil {
+			a.p.Err("Cannot write the metrics into '%s': %v", a.o.TextfileDir, err)
+			ok = false
+		}
+	}
+	return ok
 }
 
 // watchSignals: the first SIGINT/SIGTERM cancels the run, which then cleans
@@ -148,6 +187,15 @@ func (a *app) run(ctx context.Context, args []string) error {
 	}
 	if err := a.checkCommand(o); err != nil {
 		return err
+	}
+	a.o = o
+	if o.Report != "" || o.TextfileDir != "" {
+		a.rep = report.New("fi-backup "+Version, args, a.Now())
+		a.p.SetTap(func(prefix, msg string) {
+			if prefix == "[ERR] " {
+				a.rep.Error(msg)
+			}
+		})
 	}
 	var hyp virt.Hypervisor
 	var connErr error
@@ -202,7 +250,7 @@ func (a *app) run(ctx context.Context, args []string) error {
 	}
 	r := backup.New(a.config(o, names), backup.Env{
 		P: a.p, Hyp: hyp, Prog: a.Prog, Now: a.Now, LockDir: a.LockDir, QemuImg: qemuImg, PollEvery: a.PollEvery,
-		Tool: "fi-backup " + Version,
+		Tool: "fi-backup " + Version, Progress: a.ui,
 	})
 	// A guest a killed -s run left paused is resumed before the domains
 	// are listed, so that -r and all find it running again.
@@ -216,23 +264,107 @@ func (a *app) run(ctx context.Context, args []string) error {
 	if sel.failed {
 		failed = backup.ErrFailed
 	}
+	if a.rep != nil {
+		for _, n := range sel.missing {
+			a.rep.Domain(n, report.ResultMissing, a.Now()).Finish(a.Now(), report.ResultMissing)
+		}
+	}
+	turns := make([]turn, 0, len(sel.running)+len(sel.offline)+len(sel.gone))
 	for _, d := range append(sel.running, sel.offline...) {
-		if ctx.Err() != nil {
-			break
-		}
-		if err := r.Run(ctx, d.name, d.state); err != nil {
-			failed = backup.ErrFailed
-		}
+		turns = append(turns, turn{name: d.name, state: d.state.String(), run: func(ctx context.Context, r *backup.Runner) error {
+			return r.Run(ctx, d.name, d.state)
+		}})
 	}
 	for _, name := range sel.gone {
-		if ctx.Err() != nil {
-			break
-		}
-		if err := r.PruneGone(ctx, name); err != nil {
-			failed = backup.ErrFailed
-		}
+		turns = append(turns, turn{name: name, state: report.ResultMissing, run: func(ctx context.Context, r *backup.Runner) error {
+			return r.PruneGone(ctx, name)
+		}})
+	}
+	if !a.runTurns(ctx, r, turns, o.Parallel) {
+		failed = backup.ErrFailed
 	}
 	return failed
+}
+
+// turn is one domain's part of the run.
+type turn struct {
+	name, state string
+	run         func(context.Context, *backup.Runner) error
+}
+
+// runTurns runs the domains' turns, up to n at once, and reports whether
+// all succeeded. With n = 1 they run in order and print as they go, as the
+// old tool did; with more, each turn's lines are kept and printed as one
+// block when it ends (in the order the turns end), so that no two domains'
+// lines interleave. Locks, journals and the exit code work the same way.
+func (a *app) runTurns(ctx context.Context, r *backup.Runner, turns []turn, n int) bool {
+	var mu sync.Mutex
+	ok := true
+	one := func(t turn, buffered bool) {
+		var rd *report.Domain
+		if a.rep != nil {
+			rd = a.rep.Domain(t.name, t.state, a.Now())
+		}
+		p := a.p.Child(buffered, func(prefix, msg string) {
+			if rd != nil && prefix == "[ERR] " {
+				rd.Update(func(d *report.Domain) { d.Errors = append(d.Errors, msg) })
+			}
+		})
+		err := t.run(ctx, r.For(t.name, p, rd))
+		if buffered {
+			p.Flush(a.p)
+		}
+		if rd != nil {
+			result := report.ResultOK
+			switch {
+			case err != nil && ctx.Err() != nil:
+				result = report.ResultInterrupted
+			case err != nil:
+				result = report.ResultFailed
+			}
+			rd.Finish(a.Now(), result)
+		}
+		if err != nil {
+			mu.Lock()
+			ok = false
+			mu.Unlock()
+		}
+	}
+	skipped := func(rest []turn) {
+		for _, t := range rest {
+			if a.rep != nil {
+				a.rep.Domain(t.name, t.state, a.Now()).Finish(a.Now(), report.ResultNotStarted)
+			}
+		}
+	}
+	if n <= 1 {
+		for i, t := range turns {
+			if ctx.Err() != nil {
+				skipped(turns[i:])
+				break
+			}
+			one(t, false)
+		}
+		return ok
+	}
+	slots := make(chan struct{}, n)
+	var wg sync.WaitGroup
+	for i, t := range turns {
+		slots <- struct{}{}
+		if ctx.Err() != nil {
+			<-slots
+			skipped(turns[i:])
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-slots }()
+			one(t, true)
+		}()
+	}
+	wg.Wait()
+	return ok
 }
 
 // checkCommand refuses options that make no sense with --list, --verify
@@ -277,6 +409,12 @@ func (a *app) checkCommand(o *Options) error {
 		return a.usageErr(c + " and --keep are not compatible")
 	case o.CBT:
 		return a.usageErr(c + " and --cbt are not compatible")
+	case o.Report != "":
+		return a.usageErr(c + " and --report are not compatible")
+	case o.TextfileDir != "":
+		return a.usageErr(c + " and --textfile_dir are not compatible")
+	case o.Parallel > 1:
+		return a.usageErr(c + " and --parallel are not compatible")
 	case o.Format != "" && o.Command != "list":
 		return a.usageErr("--format only works with --list")
 	case o.TargetDir != "" && o.Command != "restore":

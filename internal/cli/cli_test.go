@@ -26,6 +26,7 @@ type harness struct {
 	env       map[string]string
 	lockDir   string
 	connErr   error
+	mu        sync.Mutex
 	snapshots []string
 }
 
@@ -33,7 +34,9 @@ func newHarness(t *testing.T, states map[string]virt.State) *harness {
 	h := &harness{fake: virttest.New(states), env: map[string]string{}, lockDir: t.TempDir()}
 	h.env["FI_BACKUP_QEMU_IMG"] = fakeQemuImg(t, "7.2.22")
 	h.fake.Snapshot = func(name string, spec virt.SnapshotSpec) error {
+		h.mu.Lock()
 		h.snapshots = append(h.snapshots, name+"@"+spec.Name)
+		h.mu.Unlock()
 		return nil
 	}
 	return h
@@ -107,6 +110,9 @@ var wantUsage = `   fi-backup version ` + Version + ` - Go reimplementation of f
       --job_timeout <duration>   Consolidation and --cbt backup job timeout (default 30m)
       --rate_limit <rate>        Copy and consolidate at most <rate> bytes/s (K, M, G suffixes)
       --keep <n>                 Keep only the <n> newest restore points of each domain in -b
+      --report <file>            Write a JSON report of the run to <file> at its end
+      --textfile_dir <directory> Write Prometheus metrics fi-backup-<domain>.prom into <directory>
+      --parallel <n>             Back up to <n> domains at once (default 1)
       --list                     List the restore points in the backup directory (-b)
       --verify                   Verify the restore points in the backup directory (-b)
       --restore <moment>         Restore the point YYYYMMDD-HHMMSS (or latest) of one domain

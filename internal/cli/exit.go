@@ -28,6 +28,7 @@ var (
 	errNoDomain   = errors.New("no domain given, or domains given with -r")
 	errDependency = errors.New("dependency check failed")
 	errOutputLost = errors.New("output lost")
+	errReport     = errors.New("report not written")
 )
 
 // signalError is a run stopped by a signal.

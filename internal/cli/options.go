@@ -32,6 +32,9 @@ type Options struct {
 	JobTimeout  time.Duration
 	RateLimit   int64    // bytes/s, 0: unlimited
 	Keep        int      // --keep: restore points to keep per domain; 0: all
+	Report      string   // --report: the JSON report's path
+	TextfileDir string   // --textfile_dir: where the Prometheus textfiles go
+	Parallel    int      // --parallel: domains at once (1: one after the other)
 	Command     string   // "list", "verify", "restore"; "" for a backup
 	RestoreAt   string   // --restore's moment (or "latest")
 	TargetDir   string   // --target_dir
@@ -131,6 +134,28 @@ func options() []option {
 			o.Keep = n
 			return nil
 		}},
+		{long: "report", arg: "<file>", help: "Write a JSON report of the run to <file> at its end", set: func(a *app, o *Options, v string) error {
+			if v == "" || v == "-" {
+				return a.usageErr("--report requires a file name (stdout carries the log lines)")
+			}
+			o.Report = v
+			return nil
+		}},
+		{long: "textfile_dir", arg: "<directory>", help: "Write Prometheus metrics fi-backup-<domain>.prom into <directory>", set: func(a *app, o *Options, v string) error {
+			if v == "" {
+				return a.usageErr("--textfile_dir requires a directory")
+			}
+			o.TextfileDir = v
+			return nil
+		}},
+		{long: "parallel", arg: "<n>", help: "Back up to <n> domains at once (default 1)", set: func(a *app, o *Options, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 64 {
+				return a.usageErr("--parallel requires a number of domains from 1 to 64")
+			}
+			o.Parallel = n
+			return nil
+		}},
 		{long: "list", help: "List the restore points in the backup directory (-b)", set: setCommand("list")},
 		{long: "verify", help: "Verify the restore points in the backup directory (-b)", set: setCommand("verify")},
 		{long: "restore", arg: "<moment>", help: "Restore the point YYYYMMDD-HHMMSS (or latest) of one domain", set: func(a *app, o *Options, v string) error {
@@ -159,6 +184,27 @@ func options() []option {
 			return nil
 		}},
 	}
+}
+
+// OptionName is how one option of the table is written on the command
+// line; the documentation and completion tests check against it.
+type OptionName struct {
+	Long  string // without the leading "--"
+	Short string // the letter; "" for a long-only option
+	Arg   bool   // takes an argument
+}
+
+// OptionNames lists every option, in the table's order.
+func OptionNames() []OptionName {
+	opts := options()
+	names := make([]OptionName, len(opts))
+	for i, opt := range opts {
+		names[i] = OptionName{Long: opt.long, Arg: opt.arg != ""}
+		if opt.short != 0 {
+			names[i].Short = string(opt.short)
+		}
+	}
+	return names
 }
 
 // momentLayout is how a restore point's moment is written.
@@ -231,7 +277,7 @@ func (a *app) parse(args []string) (*Options, error) {
 	norm = append(norm, "--")
 	norm = append(norm, positional...)
 
-	o := &Options{Snapshot: true, Method: blockjob.Pull, JobTimeout: defaultJobTimeout}
+	o := &Options{Snapshot: true, Method: blockjob.Pull, JobTimeout: defaultJobTimeout, Parallel: 1}
 	fs := pflag.NewFlagSet("fi-backup", pflag.ContinueOnError)
 	fs.SetOutput(discard{})
 	opts := options()

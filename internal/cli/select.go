@@ -11,6 +11,7 @@ import (
 type selection struct {
 	running, offline []selected
 	gone             []string // named domains that no longer exist, to prune only
+	missing          []string // named domains that do not exist
 	failed           bool     // a named domain could not be used
 	allKeyword       bool
 }
@@ -96,6 +97,9 @@ func (a *app) selectDomains(hyp virt.Hypervisor, args []string, allRunning bool,
 			seen[n] = true
 		case err != nil:
 			a.p.Err("Cannot find domain '%s': %s", n, virt.Describe(err))
+			if errors.Is(err, virt.ErrNoDomain) {
+				sel.missing = append(sel.missing, n)
+			}
 			sel.failed = true
 			seen[n] = true
 		case st == virt.StateRunning || st == virt.StateBlocked:

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -208,13 +209,17 @@ func TestB9NoConsolidationAfterFailedCopy(t *testing.T) {
 	d := newDomain(t, "b9", domOpts{})
 	d.write(t, 0, 0x19, "0", "8M")
 	run(t, d.Name)
-	small := t.TempDir()
-	sh(t, "mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small)
-	t.Cleanup(func() { _ = exec.Command("umount", small).Run() })
+	// The copy fails after the snapshot: the file system fills up during it.
+	big := t.TempDir()
+	sh(t, "mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", big)
+	t.Cleanup(func() { _ = exec.Command("umount", big).Run() })
 	nextSecond()
-	r := run(t, "-d", "-C", "-b", small, d.Name)
-	assert.Equal(t, 1, r.Code)
-	assert.NotContains(t, r.Stdout, "Consolidation of block devices for")
+	cmd, out := consStart(t, "-d", "-C", "--rate_limit=2M", "-b", big, d.Name)
+	waitForTemp(t, big, out)
+	_ = exec.Command("dd", "if=/dev/zero", "of="+filepath.Join(big, "filler"), "bs=1M").Run() // until ENOSPC
+	assert.Equal(t, 1, consWait(t, cmd, 60*time.Second), out.String())
+	assert.Contains(t, out.String(), "no space left on device")
+	assert.NotContains(t, out.String(), "Consolidation of block devices for")
 	assert.Len(t, d.liveChain(t, "vda"), 3, "base and both overlays are still there")
 	assert.Equal(t, "running", d.state(t))
 }

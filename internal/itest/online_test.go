@@ -248,14 +248,33 @@ func TestFullBackupFilesystem(t *testing.T) {
 	d.write(t, 0, 0x55, "0", "8M") // base bigger than the backup filesystem
 	nextSecond()
 	run(t, d.Name) // snapshot only, so disk1.qcow2 becomes a read-only base with 8M of data
+	before := overlays(t, d.Dir)
 	small := t.TempDir()
 	sh(t, "mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small)
 	t.Cleanup(func() { _ = exec.Command("umount", small).Run() })
+
+	// Too small from the start: refused before the snapshot.
 	nextSecond()
 	r := run(t, "-b", small, d.Name)
 	assert.Equal(t, 1, r.Code)
-	assert.Regexp(t, `\[ERR\] Unable to copy '.*disk1.qcow2' to '.*': .*no space left on device`, r.Stdout)
-	assert.Empty(t, files(t, small), "nothing half-written is left")
+	assert.Regexp(t, `\[ERR\] Not enough free space in '.*' for the backup of '`+d.Name+`': it copies up to 8\.\d MiB, and 2\.0 MiB are free`, r.Stdout)
+	assert.Equal(t, before, overlays(t, d.Dir), "no overlay added")
+	assert.Empty(t, files(t, small))
+
+	// Room at the start, filled by someone else during the copy: the copy
+	// fails, nothing half-written is left.
+	big := t.TempDir()
+	sh(t, "mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", big)
+	t.Cleanup(func() { _ = exec.Command("umount", big).Run() })
+	nextSecond()
+	cmd, out := consStart(t, "--rate_limit=2M", "-b", big, d.Name)
+	waitForTemp(t, big, out)
+	_ = exec.Command("dd", "if=/dev/zero", "of="+filepath.Join(big, "filler"), "bs=1M").Run() // until ENOSPC
+	code := consWait(t, cmd, 60*time.Second)
+	t.Logf("fi-backup (filesystem filled during the copy) → %d\n%s", code, out.String())
+	assert.Equal(t, 1, code)
+	assert.Regexp(t, `\[ERR\] Unable to copy '.*disk1.qcow2' to '.*': .*no space left on device`, out.String())
+	assert.Equal(t, []string{"filler"}, files(t, big), "nothing half-written is left")
 	assert.Equal(t, "running", d.state(t))
 	checkImages(t, d.liveChain(t, "vda")...)
 }

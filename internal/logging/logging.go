@@ -8,6 +8,7 @@
 package logging
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"strings"
@@ -32,6 +33,8 @@ type Printer struct {
 	held    int    // active holds
 	pending []byte // output written while held
 	werr    error  // first write error; nothing is written after it
+	tap     func(prefix, msg string)
+	buf     bytes.Buffer // a buffered child's lines (see Child)
 }
 
 // New returns a Printer writing to w. verbose enables [VER] lines, debug
@@ -54,7 +57,20 @@ func (p *Printer) Debugging() bool {
 	return p.debug
 }
 
+// SetTap makes tap see every line the printer prints from now on.
+func (p *Printer) SetTap(tap func(prefix, msg string)) {
+	p.mu.Lock()
+	p.tap = tap
+	p.mu.Unlock()
+}
+
 func (p *Printer) line(prefix, msg string) {
+	p.mu.Lock()
+	tap := p.tap
+	p.mu.Unlock()
+	if tap != nil {
+		tap(prefix, msg)
+	}
 	var b strings.Builder
 	b.WriteString(prefix)
 	b.WriteString(msg)
@@ -156,4 +172,37 @@ func (p *Printer) SetLevels(verbose, debug bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.verbose, p.debug = verbose, debug
+}
+
+// Child is a Printer with p's levels for one part of the run (a domain):
+// with buffered false its lines go through p as they come; with buffered
+// true they are kept until Flush, which writes them through p in one piece,
+// so that parts running at once never interleave their lines. tap, when
+// set, sees every line the child prints (prefix and message).
+func (p *Printer) Child(buffered bool, tap func(prefix, msg string)) *Printer {
+	c := &Printer{verbose: p.Verbose(), debug: p.Debugging(), tap: tap}
+	if buffered {
+		c.w = &c.buf
+	} else {
+		c.w = parentWriter{p}
+	}
+	return c
+}
+
+// Flush writes what a buffered child kept through its parent, at once.
+func (p *Printer) Flush(parent *Printer) {
+	p.mu.Lock()
+	out := p.buf.String()
+	p.buf.Reset()
+	p.mu.Unlock()
+	parent.write(out)
+}
+
+// parentWriter writes a child's lines through its parent, which keeps its
+// hold and write-error rules for them.
+type parentWriter struct{ p *Printer }
+
+func (w parentWriter) Write(b []byte) (int, error) {
+	w.p.write(string(b))
+	return len(b), nil
 }

@@ -47,3 +47,26 @@ func TestWriteErrorIsRememberedNotRetried(t *testing.T) {
 	assert.Equal(t, 1, w.calls)
 	assert.True(t, errors.Is(p.WriteErr(), syscall.EPIPE))
 }
+
+// TestChild: an unbuffered child prints through its parent as it goes, a
+// buffered one only at Flush, whole; both show every line to their tap and
+// keep the parent's levels.
+func TestChild(t *testing.T) {
+	var b bytes.Buffer
+	p := New(&b, true, false)
+	var seen []string
+	tap := func(prefix, msg string) { seen = append(seen, prefix+msg) }
+	live := p.Child(false, tap)
+	live.Err("e1")
+	live.Debug("hidden")
+	assert.Equal(t, "[ERR] e1\n", b.String())
+
+	held := p.Child(true, tap)
+	held.Info("i1")
+	held.Verb("v1")
+	p.Warn("other")
+	assert.Equal(t, "[ERR] e1\n[WAR] other\n", b.String(), "nothing before Flush")
+	held.Flush(p)
+	assert.Equal(t, "[ERR] e1\n[WAR] other\n[INF] i1\n[VER] v1\n", b.String())
+	assert.Equal(t, []string{"[ERR] e1", "[INF] i1", "[VER] v1"}, seen)
+}

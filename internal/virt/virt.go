@@ -257,6 +257,10 @@ type BackupJob struct {
 type Checkpoint struct {
 	Name    string
 	Bitmaps []string // targets of the disks it tracks with a bitmap
+	// Changed is, per disk target, libvirt's estimate of the bytes
+	// written since the checkpoint (what an increment from it copies);
+	// nil when libvirt could not tell.
+	Changed map[string]uint64
 }
 
 // Tracks reports whether the checkpoint has a bitmap for the disk target.

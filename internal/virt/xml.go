@@ -258,6 +258,12 @@ func ParseCheckpoint(doc string) (Checkpoint, error) {
 			if d.Checkpoint == "bitmap" {
 				out.Bitmaps = append(out.Bitmaps, d.Name)
 			}
+			if d.Size > 0 {
+				if out.Changed == nil {
+					out.Changed = map[string]uint64{}
+				}
+				out.Changed[d.Name] = d.Size
+			}
 		}
 	}
 	return out, nil

@@ -295,7 +295,12 @@ func (d *domain) Checkpoints() ([]virt.Checkpoint, error) {
 	var out []virt.Checkpoint
 	var firstErr error
 	for i := range cps {
-		x, err := cps[i].GetXMLDesc(libvirt.DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+		// With the sizes of the changes since (they size the free-space
+		// check); a checkpoint whose bitmap is broken cannot tell them.
+		x, err := cps[i].GetXMLDesc(libvirt.DOMAIN_CHECKPOINT_XML_NO_DOMAIN | libvirt.DOMAIN_CHECKPOINT_XML_SIZE)
+		if err != nil {
+			x, err = cps[i].GetXMLDesc(libvirt.DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+		}
 		if err == nil {
 			var c virt.Checkpoint
 			if c, err = virt.ParseCheckpoint(x); err == nil {

@@ -1,0 +1,80 @@
+package progress
+
+import (
+	"bytes"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/creack/pty"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestNoTerminalNoDisplay: with stderr not a terminal there is no display
+// and the log lines go to stdout untouched.
+func TestNoTerminalNoDisplay(t *testing.T) {
+	var out, errOut bytes.Buffer
+	u, logTo := Start(&out, &errOut)
+	assert.Nil(t, u)
+	assert.Same(t, io.Writer(&out), logTo)
+	u.Copy("dom", "/x/disk.qcow2", 10).Set(5, 10) // nil-safe
+	u.Stop()
+	f, err := os.CreateTemp(t.TempDir(), "stderr")
+	require.NoError(t, err)
+	u, _ = Start(&out, f)
+	assert.Nil(t, u, "a file is not a terminal")
+}
+
+// TestTerminalShowsBarsAndLines: on a terminal the bars are drawn, and log
+// lines sharing that terminal come through in order, above them.
+func TestTerminalShowsBarsAndLines(t *testing.T) {
+	ptmx, tty, err := pty.Open()
+	require.NoError(t, err)
+	defer ptmx.Close()
+	require.NoError(t, pty.Setsize(ptmx, &pty.Winsize{Rows: 24, Cols: 120}))
+	var seen bytes.Buffer
+	var mu sync.Mutex
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 4096)
+		for {
+			n, err := ptmx.Read(buf)
+			mu.Lock()
+			seen.Write(buf[:n])
+			mu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}()
+	u, logTo := Start(tty, tty)
+	require.NotNil(t, u)
+	assert.NotSame(t, io.Writer(tty), logTo, "lines go through the display")
+	bar := u.Copy("dom", "/x/disk1.qcow2", 100<<20)
+	for i := int64(1); i <= 4; i++ {
+		bar.Set(i*10<<20, 100<<20)
+		_, _ = logTo.Write([]byte("[VER] line " + string(rune('0'+i)) + "\n"))
+		time.Sleep(300 * time.Millisecond) // the display refreshes every 250 ms
+	}
+	bar.Done()
+	u.Stop()
+	tty.Close()
+	<-done
+	mu.Lock()
+	out := seen.String()
+	mu.Unlock()
+	assert.Contains(t, out, "dom disk1.qcow2")
+	assert.Contains(t, out, "MiB")
+	last := -1
+	for i := 1; i <= 4; i++ {
+		at := strings.Index(out, "[VER] line "+string(rune('0'+i)))
+		require.GreaterOrEqual(t, at, 0, "line %d printed:\n%q", i, out)
+		assert.Greater(t, at, last, "in order")
+		last = at
+	}
+}
