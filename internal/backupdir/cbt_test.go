@@ -203,3 +203,16 @@ func TestFinishCBT(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "someone else's", string(got))
 }
+
+// TestAdmitCBT: a --cbt run that writes more than the backup file system
+// has free is refused before anything is created, with the same wording as
+// a copy's refusal.
+func TestAdmitCBT(t *testing.T) {
+	d, out := newDir(t)
+	require.NoError(t, d.AdmitCBT("dom", 1<<20))
+	assert.ErrorIs(t, d.AdmitCBT("dom", 1<<62), ErrFailed)
+	assert.Contains(t, out.String(), "[ERR] Not enough free space in '"+d.Path+"' for the backup of 'dom': it writes up to ")
+	entries, err := os.ReadDir(d.Path)
+	require.NoError(t, err)
+	assert.Empty(t, entries)
+}

@@ -66,4 +66,12 @@ func TestParseCheckpoint(t *testing.T) {
 	assert.Equal(t, virt.Checkpoint{Name: "cp5", Bitmaps: []string{"vda"}}, c)
 	assert.True(t, c.Tracks("vda"))
 	assert.False(t, c.Tracks("vdb"))
+
+	// With VIR_DOMAIN_CHECKPOINT_XML_SIZE: the changes since, per disk.
+	c, err = virt.ParseCheckpoint(`<domaincheckpoint><name>cp6</name><disks>
+    <disk name='vda' checkpoint='bitmap' bitmap='cp6' size='1048576'/>
+    <disk name='vdb' checkpoint='no'/>
+  </disks></domaincheckpoint>`)
+	require.NoError(t, err)
+	assert.Equal(t, map[string]uint64{"vda": 1 << 20}, c.Changed)
 }
