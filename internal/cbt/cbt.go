@@ -57,6 +57,7 @@ type Domain interface {
 	WatchBackup() (events <-chan virt.BackupEvent, stop func(), err error)
 	BeginBackup(spec virt.BackupSpec) error
 	BackupJob() (virt.BackupJob, error)
+	LastJobEnd() (virt.BackupEnd, bool, error)
 	AbortBackup() error
 	SetBackupSpeed(target string, bandwidth uint64) error
 	FSFreeze() error
@@ -104,6 +105,9 @@ type Runner struct {
 	Timeout   time.Duration // per job; 30 minutes when 0
 	Bandwidth uint64        // bytes/s per disk's job; 0: unlimited
 	PollEvery time.Duration // safety-net poll; 200 ms when 0
+	// EventGrace is how long the completion event of a job libvirt no
+	// longer lists is waited for; 5 s when 0.
+	EventGrace time.Duration
 	// Step, when set, is called after each step of a job with its name
 	// (FI_BACKUP_TEST_KILL_AT). Tests only.
 	Step func(step string) error
@@ -129,12 +133,15 @@ func (r *Runner) step(name string) {
 	}
 }
 
-// abortWait bounds the wait for an aborted job's end; eventGrace the wait
-// for the completion event of a job libvirt no longer lists.
-const (
-	abortWait  = 30 * time.Second
-	eventGrace = 5 * time.Second
-)
+// abortWait bounds the wait for an aborted job's end.
+const abortWait = 30 * time.Second
+
+func (r *Runner) eventGrace() time.Duration {
+	if r.EventGrace > 0 {
+		return r.EventGrace
+	}
+	return 5 * time.Second
+}
 
 // Record is the journal record of a push backup: written (Begin) before
 // any of its files is created, removed (Done) once its restore point is
@@ -184,6 +191,9 @@ func (r *Runner) Run(ctx context.Context, dom Domain, spec virt.BackupSpec, rec 
 			return fmt.Errorf("%w: %s", ErrFreeze, virt.Describe(err))
 		}
 	}
+	// libvirt's record of the last finished job, to tell ours from it if
+	// ours ends without its event.
+	prevEnd, hadEnd, _ := dom.LastJobEnd()
 	start := time.Now()
 	err = dom.BeginBackup(spec)
 	var thawErr error
@@ -217,7 +227,7 @@ func (r *Runner) Run(ctx context.Context, dom Domain, spec virt.BackupSpec, rec 
 			}
 		}
 	}
-	ok, over, err := r.wait(ctx, dom, events, spec)
+	ok, over, err := r.wait(ctx, dom, events, spec, func() (bool, error) { return r.endWithoutEvent(dom, prevEnd, hadEnd) })
 	if !ok {
 		if !over {
 			r.P.Err("The backup job of '%s' is still running: the next run aborts it and deletes its checkpoint '%s' (journal '%s')", dom.Name(), spec.Checkpoint, r.Journal.Path(dom.Name()))
@@ -250,7 +260,7 @@ func (r *Runner) thaw(dom Domain) error {
 // wait waits for the job's end: ok when its completion event reported
 // success; over when libvirt no longer runs it (finished, failed, or
 // aborted by us).
-func (r *Runner) wait(ctx context.Context, dom Domain, events <-chan virt.BackupEvent, spec virt.BackupSpec) (ok, over bool, err error) {
+func (r *Runner) wait(ctx context.Context, dom Domain, events <-chan virt.BackupEvent, spec virt.BackupSpec, noEvent func() (bool, error)) (ok, over bool, err error) {
 	deadline := time.NewTimer(r.timeout())
 	defer deadline.Stop()
 	tick := time.NewTicker(r.pollEvery())
@@ -286,11 +296,31 @@ func (r *Runner) wait(ctx context.Context, dom Domain, events <-chan virt.Backup
 				gone = time.Time{}
 			case gone.IsZero():
 				gone = time.Now() // the event is on its way
-			case time.Since(gone) > eventGrace:
-				return false, true, errors.New("the backup job ended without a completion event")
+			case time.Since(gone) > r.eventGrace():
+				ok, err := noEvent()
+				return ok, true, err
 			}
 		}
 	}
+}
+
+// endWithoutEvent decides the outcome of a job that libvirt no longer
+// runs and whose job-completed event did not come (seen with jobs that end
+// within their start call): from libvirt's record of the last finished
+// job, and only when that record changed since before the start — else it
+// is an older job's, and the job counts as failed.
+func (r *Runner) endWithoutEvent(dom Domain, prev virt.BackupEnd, hadPrev bool) (bool, error) {
+	end, ok, err := dom.LastJobEnd()
+	switch {
+	case err != nil:
+		return false, fmt.Errorf("the backup job ended without a completion event, and its end cannot be read: %s", virt.Describe(err))
+	case !ok || !end.Backup || hadPrev && end == prev:
+		return false, errors.New("the backup job ended without a completion event or a record of its end")
+	case !end.Success:
+		return false, jobFailed(virt.BackupEvent{Error: end.Error})
+	}
+	r.P.Debug("The backup job of '%s' ended without a completion event; libvirt's record of its end says it succeeded", dom.Name())
+	return true, nil
 }
 
 func jobFailed(ev virt.BackupEvent) error {
@@ -330,7 +360,7 @@ func (r *Runner) abort(dom Domain, events <-chan virt.BackupEvent, spec virt.Bac
 				gone = time.Time{}
 			case gone.IsZero():
 				gone = time.Now()
-			case time.Since(gone) > eventGrace:
+			case time.Since(gone) > r.eventGrace():
 				return false, true
 			}
 		case <-end:

@@ -313,3 +313,56 @@ func TestRecover(t *testing.T) {
 		assert.False(t, e.journaled(t))
 	})
 }
+
+// TestRunEndsWithoutEvent: a job that libvirt no longer lists and whose
+// completion event never comes is decided by libvirt's record of the last
+// finished job, when that record is new since the start; an unchanged
+// record is an older job's, and the backup counts as failed.
+func TestRunEndsWithoutEvent(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		ev    *virt.BackupEvent
+		noRec bool
+		want  string
+	}{
+		{name: "succeeded", ev: &virt.BackupEvent{Success: true}},
+		{name: "failed", ev: &virt.BackupEvent{Error: "No space left on device"}, want: "the backup job failed: No space left on device"},
+		{name: "no record of it", ev: &virt.BackupEvent{Success: true}, noRec: true, want: "without a completion event or a record of its end"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			e.r.EventGrace = 10 * time.Millisecond
+			spec, rec := e.job(t, "20240101-000001", "")
+			require.NoError(t, e.r.Run(context.Background(), e.dom, spec, rec, false), "a first job, with its event")
+			e.r.Done("dom")
+			e.f.Backup.NoEvent = true
+			e.f.Backup.End = func(string, virt.BackupSpec) *virt.BackupEvent {
+				if tc.noRec {
+					return nil // runs until its end is faked below, unrecorded
+				}
+				return tc.ev
+			}
+			spec, rec = e.job(t, "20240101-000002", "20240101-000001")
+			if tc.noRec {
+				go func() {
+					for {
+						if j, _ := e.dom.BackupJob(); j.Active {
+							e.f.EndWithoutRecord("dom")
+							return
+						}
+						time.Sleep(time.Millisecond)
+					}
+				}()
+			}
+			err := e.r.Run(context.Background(), e.dom, spec, rec, false)
+			if tc.want == "" {
+				require.NoError(t, err)
+				assert.Contains(t, e.out.String(), "ended without a completion event; libvirt's record of its end says it succeeded")
+				return
+			}
+			assert.ErrorContains(t, err, tc.want)
+			assert.Equal(t, []string{CheckpointName(id, "20240101-000001")}, e.checkpoints(t))
+			assert.False(t, e.journaled(t))
+		})
+	}
+}

@@ -247,6 +247,17 @@ type BackupEvent struct {
 	Error   string // libvirt's message when it failed ("Operation canceled")
 }
 
+// BackupEnd is libvirt's record of the domain's last finished job
+// (virDomainGetJobStats with VIR_DOMAIN_JOB_STATS_COMPLETED); it stays
+// until the next job ends.
+type BackupEnd struct {
+	Backup  bool // the job was a backup
+	Success bool
+	Error   string
+	// Elapsed, Total and Processed tell one finished job from another.
+	Elapsed, Total, Processed uint64
+}
+
 // BackupJob is the backup job a domain runs, if any.
 type BackupJob struct {
 	Active  bool
@@ -339,6 +350,9 @@ type Domain interface {
 	BeginBackup(spec BackupSpec) error
 	// BackupJob is the backup job the domain runs now.
 	BackupJob() (BackupJob, error)
+	// LastJobEnd is libvirt's record of the last job that ended; ok is
+	// false when it has none.
+	LastJobEnd() (end BackupEnd, ok bool, err error)
 	// AbortBackup aborts the domain's running job. Whether the job ended
 	// aborted or finished anyway is told by its job-completed event only.
 	AbortBackup() error

@@ -381,6 +381,25 @@ func (d *domain) BackupJob() (virt.BackupJob, error) {
 	return virt.BackupJob{Active: true, Targets: targets}, nil
 }
 
+func (d *domain) LastJobEnd() (virt.BackupEnd, bool, error) {
+	info, err := d.d.GetJobStats(libvirt.DOMAIN_JOB_STATS_COMPLETED)
+	if err != nil {
+		return virt.BackupEnd{}, false, translate("get completed job stats", err)
+	}
+	if info.Type == libvirt.DOMAIN_JOB_NONE {
+		return virt.BackupEnd{}, false, nil
+	}
+	ok := info.Type == libvirt.DOMAIN_JOB_COMPLETED
+	if info.JobSuccessSet {
+		ok = ok && info.JobSuccess
+	}
+	return virt.BackupEnd{
+		Backup:  info.OperationSet && info.Operation == libvirt.DOMAIN_JOB_OPERATION_BACKUP,
+		Success: ok, Error: info.ErrorMessage,
+		Elapsed: info.TimeElapsed, Total: info.DiskTotal, Processed: info.DiskProcessed,
+	}, true, nil
+}
+
 func (d *domain) AbortBackup() error { return translate("abort job", d.d.AbortJob()) }
 
 func (d *domain) SetBackupSpeed(target string, bandwidth uint64) error {
