@@ -44,7 +44,7 @@ test-unit: ## unit tests only (no libvirtd needed)
 
 test: setup fmt-check vet ## every tier: unit, CLI contract and real-libvirtd integration
 	bash scripts/sweep.sh
-	FI_BACKUP_TEST_DISALLOW_SKIP=$${FI_BACKUP_TEST_DISALLOW_SKIP:-1} $(GO) test -race -count=1 -p 1 -timeout 20m ./... 2>&1 | tee /tmp/fi-backup-test.log; exit $${PIPESTATUS[0]}
+	FI_BACKUP_TEST_DISALLOW_SKIP=$${FI_BACKUP_TEST_DISALLOW_SKIP:-1} $(GO) test -race -count=1 -p 1 -timeout 40m ./... 2>&1 | tee /tmp/fi-backup-test.log; exit $${PIPESTATUS[0]}
 
 demo: build ## back up a throwaway running domain twice and show the backup chain
 	bash scripts/demo.sh

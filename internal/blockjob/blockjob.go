@@ -162,7 +162,7 @@ func (c *Consolidator) disk(ctx context.Context, dom Domain, d virt.Disk, users 
 			return fail("\n '%s' is in the backing chain of domain '%s': committing into it would change that domain's disk", base, u)
 		}
 		if !users.Complete() {
-			return fail("\n cannot check whether other domains use '%s'", base)
+			return fail("\n cannot check whether other domains use '%s' (%s)", base, users.Why())
 		}
 		c.P.Debug("Committing into '%s'", base)
 	} else {

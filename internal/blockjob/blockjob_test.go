@@ -160,7 +160,7 @@ func TestCommitRefusedIntoSharedOrUnknownBase(t *testing.T) {
 	broken := users{broken: true, brokenWhy: "the backing chain of domain 'x' could not be read"}
 	assert.ErrorIs(t, c.Domain(context.Background(), d, broken), ErrFailed)
 	assert.Empty(t, d.starts)
-	assert.Contains(t, out.String(), "cannot check whether other domains use '"+base+"'")
+	assert.Contains(t, out.String(), "cannot check whether other domains use '"+base+"' (the backing chain of domain 'x' could not be read)")
 
 	d = mk()
 	c, out = newConsolidator(t, Pull)

@@ -11,10 +11,10 @@ package itest
 import (
 	"bytes"
 	"fmt"
-	"github.com/fi-backup/fi-backup/internal/backupdir"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -23,6 +23,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/fi-backup/fi-backup/internal/backupdir"
 	"github.com/fi-backup/fi-backup/internal/testenv"
 )
 
@@ -116,6 +117,9 @@ type Domain struct {
 	Name  string
 	Dir   string   // where its disks live (the path contains a space)
 	Disks []string // initial disk paths, vda, vdb, ...
+
+	mu       sync.Mutex
+	capacity map[int]int64 // virtual size of disk idx, once asked
 }
 
 type domOpts struct {
@@ -236,9 +240,55 @@ func chainOf(t *testing.T, image string) []string {
 // number idx through QEMU (HMP qemu-io), as a guest would.
 func (d *Domain) write(t *testing.T, idx int, pattern byte, off, n string) {
 	t.Helper()
+	// qemu-io through HMP says nothing when a write goes past the end of
+	// the disk: check the range here, so a test never believes it wrote.
+	require.LessOrEqual(t, ioSize(t, off)+ioSize(t, n), d.capacityOf(t, idx), "write %s+%s past the end of disk %d", off, n, idx)
 	cmd := fmt.Sprintf(`qemu-io -d /machine/peripheral/virtio-disk%d/virtio-backend "write -P 0x%02x %s %s"`, idx, pattern, off, n)
 	out := virsh(t, "qemu-monitor-command", d.Name, "--hmp", cmd)
 	require.NotContains(t, out, "rror", "qemu-io write failed: %s", out)
+}
+
+// capacityOf is the virtual size of disk idx as libvirt reports it.
+func (d *Domain) capacityOf(t *testing.T, idx int) int64 {
+	t.Helper()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if size, ok := d.capacity[idx]; ok {
+		return size
+	}
+	blk := virsh(t, "domblkinfo", d.Name, fmt.Sprintf("vd%c", 'a'+idx))
+	var size int64
+	for _, l := range strings.Split(blk, "\n") {
+		if v, ok := strings.CutPrefix(l, "Capacity:"); ok {
+			size, _ = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	require.Positive(t, size, "capacity of disk %d: %s", idx, blk)
+	if d.capacity == nil {
+		d.capacity = map[int]int64{}
+	}
+	d.capacity[idx] = size
+	return size
+}
+
+// ioSize parses a qemu-io size: a number with an optional k, M or G.
+func ioSize(t *testing.T, s string) int64 {
+	t.Helper()
+	mult := int64(1)
+	switch {
+	case strings.HasSuffix(s, "k"), strings.HasSuffix(s, "K"):
+		mult = 1 << 10
+	case strings.HasSuffix(s, "M"):
+		mult = 1 << 20
+	case strings.HasSuffix(s, "G"):
+		mult = 1 << 30
+	}
+	if mult > 1 {
+		s = s[:len(s)-1]
+	}
+	v, err := strconv.ParseInt(s, 0, 64)
+	require.NoError(t, err, "qemu-io size %q", s)
+	return v * mult
 }
 
 // readsBack reports whether image (opened read-only, with its backing chain)

@@ -14,19 +14,16 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/creack/pty"
 	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/fi-backup/fi-backup/internal/report"
+	"github.com/fi-backup/fi-backup/internal/testenv"
 )
 
 // readReport parses a --report document.
@@ -55,11 +52,7 @@ func reportDomain(t *testing.T, r *report.Run, name string) *report.Domain {
 // node_exporter's textfile collector does.
 func metrics(t *testing.T, dir, domain string) map[string]*dto.MetricFamily {
 	t.Helper()
-	f, err := os.Open(report.MetricsFile(dir, domain))
-	require.NoError(t, err)
-	defer f.Close()
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(f)
+	fams, err := report.ReadMetrics(report.MetricsFile(dir, domain))
 	require.NoError(t, err)
 	return fams
 }
@@ -67,20 +60,7 @@ func metrics(t *testing.T, dir, domain string) map[string]*dto.MetricFamily {
 // metric is the value of a sample of fams with the given labels.
 func metric(t *testing.T, fams map[string]*dto.MetricFamily, name string, labels ...string) (float64, bool) {
 	t.Helper()
-	for _, m := range fams[name].GetMetric() {
-		have := map[string]string{}
-		for _, l := range m.GetLabel() {
-			have[l.GetName()] = l.GetValue()
-		}
-		match := true
-		for i := 0; i+1 < len(labels); i += 2 {
-			match = match && have[labels[i]] == labels[i+1]
-		}
-		if match {
-			return m.GetGauge().GetValue(), true
-		}
-	}
-	return 0, false
+	return report.Gauge(fams, name, labels...)
 }
 
 var copiedRE = regexp.MustCompile(`\[DEB\] Copied (\d+) bytes of '([^']*)'`)
@@ -228,35 +208,12 @@ func TestProgressOnlyOnATerminal(t *testing.T) {
 	bk := backupDir(t)
 
 	// stdout to a pipe, stderr a terminal: the display draws on stderr.
-	ptmx, tty, err := pty.Open()
-	require.NoError(t, err)
-	defer ptmx.Close()
-	require.NoError(t, pty.Setsize(ptmx, &pty.Winsize{Rows: 30, Cols: 140}))
-	var seen bytes.Buffer
-	var mu sync.Mutex
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 4096)
-		for {
-			n, err := ptmx.Read(buf)
-			mu.Lock()
-			seen.Write(buf[:n])
-			mu.Unlock()
-			if err != nil {
-				return
-			}
-		}
-	}()
+	tty, drawTerm := testenv.Terminal(t, 30, 140)
 	cmd := exec.Command(binary(t), "--rate_limit=6M", "-b", bk, d.Name)
 	var stdout bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, tty
 	require.NoError(t, cmd.Run())
-	tty.Close()
-	<-done
-	mu.Lock()
-	drawn := seen.String()
-	mu.Unlock()
+	drawn := drawTerm()
 	assert.Contains(t, drawn, d.Name+" disk1.qcow2", "the copy's bar")
 	assert.Contains(t, drawn, "MiB")
 	assert.NotContains(t, stdout.String(), "disk1.qcow2 ", "no progress on stdout")

@@ -19,9 +19,15 @@ import (
 
 // UI is the display of one run; a nil *UI displays nothing.
 type UI struct {
-	p     *mpb.Progress
-	lines *queue // the log lines when they share the display's terminal
+	p       *mpb.Progress
+	lines   *queue   // the log lines when they share the display's terminal
+	refresh chan any // a redraw (mpb's manual refresh)
+	stop    chan struct{}
+	ticking sync.WaitGroup
 }
+
+// refreshEvery is how often the display is redrawn.
+const refreshEvery = 250 * time.Millisecond
 
 // Start returns the display for a run whose log lines go to stdout, and
 // the writer the log lines must go to from now on: stdout itself, unless
@@ -33,8 +39,30 @@ func Start(stdout io.Writer, stderr io.Writer) (*UI, io.Writer) {
 	if !ok || !IsTerminal(errFile) {
 		return nil, stdout
 	}
-	p := mpb.New(mpb.WithOutput(errFile), mpb.WithWidth(24), mpb.WithRefreshRate(250*time.Millisecond), mpb.WithAutoRefresh())
-	u := &UI{p: p}
+	// Redraws are requested here rather than by mpb's own timer, so that
+	// Stop can ask for a last one: mpb prints the lines written to it only
+	// when it redraws, and shutting it down does not redraw for them.
+	u := &UI{refresh: make(chan any), stop: make(chan struct{})}
+	p := mpb.New(mpb.WithOutput(errFile), mpb.WithWidth(24), mpb.WithManualRefresh(u.refresh))
+	u.p = p
+	u.ticking.Add(1)
+	go func() {
+		defer u.ticking.Done()
+		t := time.NewTicker(refreshEvery)
+		defer t.Stop()
+		for {
+			select {
+			case now := <-t.C:
+				select {
+				case u.refresh <- now:
+				case <-u.stop:
+					return
+				}
+			case <-u.stop:
+				return
+			}
+		}
+	}()
 	if outFile, ok := stdout.(*os.File); ok && sameTerminal(outFile, errFile) {
 		u.lines = newQueue(p)
 		return u, u.lines
@@ -49,8 +77,14 @@ func (u *UI) Stop() {
 		return
 	}
 	if u.lines != nil {
-		u.lines.close()
+		u.lines.close() // every line is now in mpb's buffer
 	}
+	close(u.stop)
+	u.ticking.Wait()
+	// The second request is taken only once the first redraw has started,
+	// and Shutdown lets a started redraw finish: the lines are out.
+	u.refresh <- time.Now()
+	u.refresh <- time.Now()
 	u.p.Shutdown()
 }
 

@@ -5,11 +5,9 @@ import (
 	"io"
 	"os"
 	"strings"
-	"sync"
 	"testing"
-	"time"
 
-	"github.com/creack/pty"
+	"github.com/fi-backup/fi-backup/internal/testenv"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -32,26 +30,7 @@ func TestNoTerminalNoDisplay(t *testing.T) {
 // TestTerminalShowsBarsAndLines: on a terminal the bars are drawn, and log
 // lines sharing that terminal come through in order, above them.
 func TestTerminalShowsBarsAndLines(t *testing.T) {
-	ptmx, tty, err := pty.Open()
-	require.NoError(t, err)
-	defer ptmx.Close()
-	require.NoError(t, pty.Setsize(ptmx, &pty.Winsize{Rows: 24, Cols: 120}))
-	var seen bytes.Buffer
-	var mu sync.Mutex
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 4096)
-		for {
-			n, err := ptmx.Read(buf)
-			mu.Lock()
-			seen.Write(buf[:n])
-			mu.Unlock()
-			if err != nil {
-				return
-			}
-		}
-	}()
+	tty, drawn := testenv.Terminal(t, 24, 120)
 	u, logTo := Start(tty, tty)
 	require.NotNil(t, u)
 	assert.NotSame(t, io.Writer(tty), logTo, "lines go through the display")
@@ -59,15 +38,10 @@ func TestTerminalShowsBarsAndLines(t *testing.T) {
 	for i := int64(1); i <= 4; i++ {
 		bar.Set(i*10<<20, 100<<20)
 		_, _ = logTo.Write([]byte("[VER] line " + string(rune('0'+i)) + "\n"))
-		time.Sleep(300 * time.Millisecond) // the display refreshes every 250 ms
 	}
 	bar.Done()
 	u.Stop()
-	tty.Close()
-	<-done
-	mu.Lock()
-	out := seen.String()
-	mu.Unlock()
+	out := drawn()
 	assert.Contains(t, out, "dom disk1.qcow2")
 	assert.Contains(t, out, "MiB")
 	last := -1

@@ -3,6 +3,7 @@ package report
 import (
 	"errors"
 	"fmt"
+	dto "github.com/prometheus/client_model/go"
 	"os"
 	"path/filepath"
 	"strings"
@@ -113,26 +114,42 @@ func (d *Domain) writeMetrics(dir string) error {
 // previousSuccess reads the last-success timestamp of the domain from the
 // file an earlier run wrote, so that it survives failed runs.
 func previousSuccess(path, domain string) (float64, bool) {
-	f, err := os.Open(path)
+	fams, err := ReadMetrics(path)
 	if err != nil {
 		return 0, false
+	}
+	return Gauge(fams, MetricLastSuccess, "domain", domain)
+}
+
+// ReadMetrics parses a textfile as node_exporter's textfile collector does.
+func ReadMetrics(path string) (map[string]*dto.MetricFamily, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
 	}
 	defer f.Close()
 	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(f)
-	if err != nil {
-		return 0, false
-	}
-	fam := fams[MetricLastSuccess]
-	if fam == nil {
-		return 0, false
-	}
-	for _, m := range fam.GetMetric() {
+	return p.TextToMetricFamilies(f)
+}
+
+// Gauge is the value of the first gauge sample of the family name whose
+// labels include the given name, value pairs.
+func Gauge(fams map[string]*dto.MetricFamily, name string, labels ...string) (float64, bool) {
+samples:
+	for _, m := range fams[name].GetMetric() {
+		if m.GetGauge() == nil {
+			continue
+		}
+		have := map[string]string{}
 		for _, l := range m.GetLabel() {
-			if l.GetName() == "domain" && l.GetValue() == domain && m.GetGauge() != nil {
-				return m.GetGauge().GetValue(), true
+			have[l.GetName()] = l.GetValue()
+		}
+		for i := 0; i+1 < len(labels); i += 2 {
+			if have[labels[i]] != labels[i+1] {
+				continue samples
 			}
 		}
+		return m.GetGauge().GetValue(), true
 	}
 	return 0, false
 }

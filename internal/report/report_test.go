@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -17,35 +15,14 @@ import (
 
 func parseMetrics(t *testing.T, path string) map[string]*dto.MetricFamily {
 	t.Helper()
-	f, err := os.Open(path)
-	require.NoError(t, err)
-	defer f.Close()
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(f)
+	fams, err := ReadMetrics(path)
 	require.NoError(t, err)
 	return fams
 }
 
 func gauge(t *testing.T, fams map[string]*dto.MetricFamily, name string, labels ...string) (float64, bool) {
 	t.Helper()
-	fam := fams[name]
-	if fam == nil {
-		return 0, false
-	}
-metrics:
-	for _, m := range fam.GetMetric() {
-		have := map[string]string{}
-		for _, l := range m.GetLabel() {
-			have[l.GetName()] = l.GetValue()
-		}
-		for i := 0; i+1 < len(labels); i += 2 {
-			if have[labels[i]] != labels[i+1] {
-				continue metrics
-			}
-		}
-		return m.GetGauge().GetValue(), true
-	}
-	return 0, false
+	return Gauge(fams, name, labels...)
 }
 
 // TestReportAndMetrics: the JSON document holds what the run recorded; the
