@@ -4,6 +4,9 @@
 //	running domain:  lock → recover (journal) → plan + admit (snapshot, backupdir)
 //	                 → [-s dump] → snapshot → copy the read-only chain (backupdir)
 //	                 → [-c/-C consolidate (blockjob)]
+//	running, --cbt:  lock → recover (journal) → plan (full or increment per disk)
+//	                 → push backup with a checkpoint (cbt) → name the files,
+//	                 record the point (backupdir) → delete the older checkpoint
 //	shut-off domain: lock → chains (qemu-img) → admit → copy with cp -up (backupdir)
 //	                 → [-c/-C consolidate with qemu-img (blockjob.Offline)]
 //	either, after success with --keep: prune the oldest restore points (backupdir)
@@ -19,6 +22,7 @@ import (
 
 	"github.com/fi-backup/fi-backup/internal/backupdir"
 	"github.com/fi-backup/fi-backup/internal/blockjob"
+	"github.com/fi-backup/fi-backup/internal/cbt"
 	"github.com/fi-backup/fi-backup/internal/chains"
 	"github.com/fi-backup/fi-backup/internal/copyfile"
 	"github.com/fi-backup/fi-backup/internal/journal"
@@ -42,6 +46,9 @@ type Config struct {
 	RateLimit   int64         // --rate_limit, bytes/s; 0: unlimited
 	Keep        int           // --keep: restore points kept per domain; 0: all
 	AllKeyword  bool          // the domains were given as "all"
+	// CBT backs running domains up through libvirt's changed-block
+	// tracking (--cbt) instead of a snapshot; shut-off ones are copied.
+	CBT bool
 
 	DumpTimeout   time.Duration // FI_BACKUP_DUMP_TIMEOUT; 0: the default
 	DumpBandwidth int64         // FI_BACKUP_TEST_DUMP_BANDWIDTH (tests only)
@@ -81,6 +88,7 @@ type Runner struct {
 	rep     *report.Domain    // this domain's record in the run's report; nil: none
 	diskOf  map[string]string // host chain file → disk target, for the report
 	jobs    *blockjob.Consolidator
+	cbt     *cbt.Runner
 }
 
 // New prepares a run.
@@ -99,13 +107,21 @@ func New(cfg Config, env Env) *Runner {
 		if cfg.RateLimit > 0 {
 			r.dir.Limit = copyfile.NewLimiter(cfg.RateLimit)
 		}
-		if cfg.KillAt != "" {
-			r.dir.StepHook = killAt(cfg.KillAt)
-		}
 	}
 	r.jobs = &blockjob.Consolidator{
 		P: env.P, Journal: r.journal, Method: cfg.Method, Timeout: cfg.JobTimeout,
 		Bandwidth: uint64(max(cfg.RateLimit, 0)), PollEvery: env.PollEvery,
+	}
+	r.cbt = &cbt.Runner{
+		P: env.P, Journal: r.journal, Timeout: cfg.JobTimeout,
+		Bandwidth: uint64(max(cfg.RateLimit, 0)), PollEvery: env.PollEvery,
+	}
+	if cfg.KillAt != "" {
+		hook := killAt(cfg.KillAt)
+		r.cbt.Step = hook
+		if r.dir != nil {
+			r.dir.StepHook = hook
+		}
 	}
 	return r
 }
@@ -120,6 +136,9 @@ func (r *Runner) For(name string, p *logging.Printer, rd *report.Domain) *Runner
 	jobs := *r.jobs
 	jobs.P = p
 	c.jobs = &jobs
+	cj := *r.cbt
+	cj.P = p
+	c.cbt = &cj
 	var copyBar func(string, int64) *progress.Bar
 	if r.ui != nil {
 		jobs.Bar = func(target string) *progress.Bar { return r.ui.Job(name, target, string(r.cfg.Method)) }
@@ -207,6 +226,8 @@ func (r *Runner) Run(ctx context.Context, name string, selected virt.State) erro
 		r.p.Debug("Domain '%s' is %s now (it was %s when the domains were listed)", name, st, selected)
 	}
 	switch {
+	case running(st) && r.cfg.CBT:
+		err = r.cbtOnline(ctx, dom)
 	case running(st):
 		err = r.online(ctx, dom)
 	case st == virt.StateShutoff || st == virt.StatePaused || st == virt.StateCrashed:

@@ -89,6 +89,8 @@ func notBackedUp(d virt.Disk) string {
 		return "no local file (" + d.Type + ")"
 	case d.Snapshot == "no":
 		return "snapshot='no'"
+	case d.ReadOnly:
+		return "read-only"
 	}
 	return "not backed up"
 }

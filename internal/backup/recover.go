@@ -5,6 +5,7 @@ import (
 	"errors"
 
 	"github.com/fi-backup/fi-backup/internal/blockjob"
+	"github.com/fi-backup/fi-backup/internal/cbt"
 	"github.com/fi-backup/fi-backup/internal/journal"
 	"github.com/fi-backup/fi-backup/internal/lock"
 	"github.com/fi-backup/fi-backup/internal/virt"
@@ -50,8 +51,9 @@ func (r *Runner) RecoverAll(ctx context.Context) error {
 
 // recover finishes what an interrupted run left on dom (its journal): a
 // block job it started is aborted (blockjob.Recover); the migration of its
-// state dump is cancelled and the guest it paused resumed. Called with the
-// domain's lock held.
+// state dump is cancelled and the guest it paused resumed; a --cbt push
+// backup is aborted and its checkpoint and files deleted (cbt.Recover).
+// Called with the domain's lock held.
 func (r *Runner) recover(dom virt.Domain) error {
 	name := dom.Name()
 	rec, err := r.journal.Read(name)
@@ -73,6 +75,10 @@ func (r *Runner) recover(dom virt.Domain) error {
 	if blockjob.IsOffline(rec.Kind) {
 		ctx := context.Background()
 		return r.jobs.RecoverOffline(ctx, dom, rec, r.chains.OfFile, r.chains.Others(ctx, name, false))
+	}
+	if rec.Kind == cbt.Kind {
+		// Also for a domain that no longer runs: its files go.
+		return r.recoverCBT(dom, rec)
 	}
 	if !running(st) && st != virt.StatePaused {
 		r.clearJournal(name) // no QEMU: no job, no migration

@@ -269,11 +269,15 @@ func human(n int64) string {
 
 // mergeTarget is the index of the file a chain's increments are merged
 // into, as a consolidation would (blockjob.Base): the first file below the
-// top that is not a copy of a .bimg- overlay — the disk's own image, never
-// a template below it — or the bottom when all are overlays.
+// top that is not an increment — not a copy of a .bimg- overlay, not a
+// .cbt- file — so the disk's own image, never a template below it; or the
+// bottom when all are increments. A --cbt chain is all .cbt- files down to
+// its full backup at the bottom, which has no backing file: its increments
+// are merged into that full file.
 func mergeTarget(chain []string) int {
 	for i := 1; i < len(chain); i++ {
-		if !snapshot.IsOverlay(strings.SplitN(chain[i], ".gen-", 2)[0]) {
+		base := strings.SplitN(chain[i], ".gen-", 2)[0]
+		if !snapshot.IsOverlay(base) && !IsCBT(base) {
 			return i
 		}
 	}

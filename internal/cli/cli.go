@@ -374,6 +374,14 @@ func (a *app) runTurns(ctx context.Context, r *backup.Runner, turns []turn, n in
 func (a *app) checkCommand(o *Options) error {
 	if o.Command == "" {
 		switch {
+		case o.CBT && o.BackupDir == "":
+			return a.usageErr("--cbt requires -b <directory>")
+		case o.CBT && o.Consolidate:
+			return a.usageErr("--cbt and consolidation (-c | -C) are not compatible: --cbt adds no overlay, there is nothing to consolidate")
+		case o.CBT && o.DumpDir != "":
+			return a.usageErr("--cbt and dump state (-s) are not compatible")
+		case o.CBT && o.MethodSet:
+			return a.usageErr("--cbt and -m are not compatible: --cbt never consolidates")
 		case o.Keep > 0 && o.BackupDir == "":
 			return a.usageErr("--keep requires -b <directory>")
 		case o.Keep > 0 && o.Consolidate && !o.Snapshot:
@@ -401,6 +409,8 @@ func (a *app) checkCommand(o *Options) error {
 		return a.usageErr(c + " and all_running (-r) are not compatible")
 	case o.Keep > 0:
 		return a.usageErr(c + " and --keep are not compatible")
+	case o.CBT:
+		return a.usageErr(c + " and --cbt are not compatible")
 	case o.Report != "":
 		return a.usageErr(c + " and --report are not compatible")
 	case o.TextfileDir != "":
@@ -465,6 +475,7 @@ func (a *app) config(o *Options, names []string) backup.Config {
 	cfg := backup.Config{
 		BackupDir: o.BackupDir, DumpDir: o.DumpDir, Snapshot: o.Snapshot, Consolidate: o.Consolidate,
 		Method: o.Method, Quiesce: o.Quiesce, JobTimeout: o.JobTimeout, RateLimit: o.RateLimit, Keep: o.Keep,
+		CBT: o.CBT,
 	}
 	for _, n := range names {
 		if n == "all" {

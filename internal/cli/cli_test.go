@@ -107,7 +107,7 @@ var wantUsage = `   fi-backup version ` + Version + ` - Go reimplementation of f
    Long options (any unambiguous prefix works):
       --backup_dir --consolidate_only --consolidate_and_snapshot --method --quiesce
       --all_running --dump_state_dir --debug --help --verbose --version
-      --job_timeout <duration>   Consolidation job timeout (default 30m)
+      --job_timeout <duration>   Consolidation and --cbt backup job timeout (default 30m)
       --rate_limit <rate>        Copy and consolidate at most <rate> bytes/s (K, M, G suffixes)
       --keep <n>                 Keep only the <n> newest restore points of each domain in -b
       --report <file>            Write a JSON report of the run to <file> at its end
@@ -118,6 +118,7 @@ var wantUsage = `   fi-backup version ` + Version + ` - Go reimplementation of f
       --restore <moment>         Restore the point YYYYMMDD-HHMMSS (or latest) of one domain
       --target_dir <directory>   Where --restore writes the restored domain
       --format <format>          --list output: text (default) or json
+      --cbt                      Back up running domains through changed-block tracking (needs -b)
 
    Version Requirements:
       qemu_img >= 1.2.0
@@ -188,6 +189,14 @@ func TestExitCodeTable(t *testing.T) {
 		{name: "keep without -b", args: []string{"--keep=3", "dom"}, code: 1, stdout: usageWith("--keep requires -b <directory>")},
 		{name: "keep with -c", args: []string{"--keep=3", "-c", "-b", dir, "dom"}, code: 1, stdout: usageWith("--keep and consolidation only (-c) are not compatible")},
 		{name: "keep with list", args: []string{"--keep=3", "--list", "-b", dir}, code: 1, stdout: usageWith("--list and --keep are not compatible")},
+		{name: "cbt needs -b", args: []string{"--cbt", "dom"}, code: 1, stdout: usageWith("--cbt requires -b <directory>")},
+		{name: "cbt and -c", args: []string{"--cbt", "-c", "-b", dir, "dom"}, code: 1, stdout: usageWith("--cbt and consolidation (-c | -C) are not compatible: --cbt adds no overlay, there is nothing to consolidate")},
+		{name: "cbt and -C", args: []string{"-C", "-b", dir, "dom", "--cbt"}, code: 1, stdout: usageWith("--cbt and consolidation (-c | -C) are not compatible: --cbt adds no overlay, there is nothing to consolidate")},
+		{name: "cbt and -s", args: []string{"--cbt", "-s", dir, "-b", dir, "dom"}, code: 1, stdout: usageWith("--cbt and dump state (-s) are not compatible")},
+		{name: "cbt and -m", args: []string{"--cbt", "-m", "blockpull", "-b", dir, "dom"}, code: 1, stdout: usageWith("--cbt and -m are not compatible: --cbt never consolidates")},
+		{name: "cbt with list", args: []string{"--list", "--cbt", "-b", dir}, code: 1, stdout: usageWith("--list and --cbt are not compatible")},
+		{name: "cbt abbreviated, with -q", args: []string{"--cb", "-q", "-b", dir, "fibt-none"}, code: 1, contains: []string{"[ERR] Cannot find domain 'fibt-none'"}},
+		{name: "getopt ambiguous --c", args: []string{"--c", "dom"}, code: 1, stdout: "-", stderr: "fi-backup: option '--c' is ambiguous; possibilities: '--consolidate_only' '--consolidate_and_snapshot' '--cbt'\nFailed parsing options.\n"},
 		{name: "list of an empty directory", args: []string{"--list", "-b", dir}, code: 0, stdout: "[INF] libVirt version '9.0.0' support is experimental\nDOMAIN  MOMENT  METHOD  DISKS  OWN  FLAGS  MANIFEST  FILES\n"},
 	}
 	for _, tc := range cases {

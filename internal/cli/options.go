@@ -39,6 +39,7 @@ type Options struct {
 	RestoreAt   string   // --restore's moment (or "latest")
 	TargetDir   string   // --target_dir
 	Format      string   // --format
+	CBT         bool     // --cbt
 	Args        []string // positional arguments as given
 
 	consolidationSeen bool
@@ -109,7 +110,7 @@ func options() []option {
 			a.p.SetLevels(true, o.Debug)
 			return nil
 		}},
-		{long: "job_timeout", arg: "<duration>", help: "Consolidation job timeout (default 30m)", set: func(a *app, o *Options, v string) error {
+		{long: "job_timeout", arg: "<duration>", help: "Consolidation and --cbt backup job timeout (default 30m)", set: func(a *app, o *Options, v string) error {
 			d, err := time.ParseDuration(v)
 			if err != nil || d <= 0 {
 				return a.usageErr("--job_timeout requires a positive duration such as 90s or 30m")
@@ -176,6 +177,10 @@ func options() []option {
 				return a.usageErr("--format requires 'text' or 'json'")
 			}
 			o.Format = v
+			return nil
+		}},
+		{long: "cbt", help: "Back up running domains through changed-block tracking (needs -b)", set: func(_ *app, o *Options, _ string) error {
+			o.CBT = true
 			return nil
 		}},
 	}

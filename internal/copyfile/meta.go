@@ -83,3 +83,10 @@ func processUmask() uint32 {
 	unix.Umask(old)
 	return uint32(old)
 }
+
+// OnlineMode is the mode an online copy of a file of mode src gets: the
+// source's permission bits minus the umask (a backup file is never more
+// readable than what it backs up).
+func OnlineMode(src os.FileMode) os.FileMode {
+	return src.Perm() &^ os.FileMode(processUmask())
+}

@@ -41,11 +41,18 @@ func agentGuest(t *testing.T) (kernel, initrd string) {
 // file system in a qcow2 file; it is destroyed and undefined at the end.
 func newAgentDomain(t *testing.T, tag, kernel, initrd string) *agentDomain {
 	t.Helper()
+	return newAgentDomainPrefixed(t, "fibt-agent-", tag, kernel, initrd)
+}
+
+// newAgentDomainPrefixed is newAgentDomain with the name's prefix chosen
+// by the caller (tests of one feature share a prefix).
+func newAgentDomainPrefixed(t *testing.T, prefix, tag, kernel, initrd string) *agentDomain {
+	t.Helper()
 	requireLibvirt(t)
 	var rnd [4]byte
 	_, _ = rand.Read(rnd[:])
 	a := &agentDomain{
-		Name: "fibt-agent-" + tag + "-" + hex.EncodeToString(rnd[:]),
+		Name: prefix + tag + "-" + hex.EncodeToString(rnd[:]),
 		Dir:  filepath.Join(t.TempDir(), "agent disks"),
 	}
 	require.NoError(t, os.MkdirAll(a.Dir, 0o755))
@@ -68,7 +75,8 @@ func newAgentDomain(t *testing.T, tag, kernel, initrd string) *agentDomain {
 	virsh(t, "define", xf)
 	t.Cleanup(func() {
 		_ = exec.Command("virsh", "-c", uri, "destroy", a.Name).Run()
-		_ = exec.Command("virsh", "-c", uri, "undefine", a.Name).Run()
+		// With --cbt's checkpoints, if any.
+		_ = exec.Command("virsh", "-c", uri, "undefine", a.Name, "--checkpoints-metadata").Run()
 		_ = os.Remove("/var/lock/" + a.Name + ".fi-backup.lock")
 	})
 	virsh(t, "start", a.Name)

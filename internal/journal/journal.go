@@ -1,9 +1,11 @@
 // Package journal keeps the per-domain record of an operation in flight
 // that outlives the process when it is killed: a block job (libvirt keeps
-// running it), a -s state dump (the guest stays paused). The record is
+// running it), a -s state dump (the guest stays paused), a --cbt push backup
+// (QEMU keeps writing its target, libvirt has already made its checkpoint). The record is
 // written before the operation starts and removed when it is over; the next
 // run finds it under the domain's lock and finishes the job (see the owners
-// of each kind: blockjob for block jobs, backup for dumps).
+// of each kind: blockjob for block jobs, backup for dumps, cbt for push
+// backups).
 //
 // The records live next to the lock files in /var/lock, which every local
 // user may write to, and they make root abort jobs and resume guests. So a
@@ -36,7 +38,15 @@ type Record struct {
 	// Chain is the disk's chain (top first) before an offline
 	// consolidation: what it may delete once the disk left it.
 	Chain []string `json:"chain,omitempty"`
-	PID   int      `json:"pid"` // the process that wrote it
+	// A --cbt push backup: the checkpoint it creates, the files it writes
+	// (temporary and final names), the backup directory and the moment of
+	// its restore point, and whether it may have left the guest frozen.
+	Checkpoint string   `json:"checkpoint,omitempty"`
+	Files      []string `json:"files,omitempty"`
+	Dir        string   `json:"dir,omitempty"`
+	Moment     string   `json:"moment,omitempty"`
+	Quiesce    bool     `json:"quiesce,omitempty"`
+	PID        int      `json:"pid"` // the process that wrote it
 }
 
 // ErrUntrusted marks a journal file this tool did not write (or may not

@@ -3,6 +3,8 @@ package qcow2
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 )
@@ -106,5 +108,32 @@ func commitArgs(base string, rate int64, image string) []string {
 // still reads the same through its backing files.
 func (t Tool) Flatten(ctx context.Context, image, format string) error {
 	_, err := t.run(ctx, "rebase", "-q", "-f", formatOr(format), "-b", "", image)
+	return err
+}
+
+// Create makes an empty qcow2 image of size bytes; with a backing file
+// (named as it is to be stored: relative to the image's directory) it is an
+// overlay of it.
+func (t Tool) Create(ctx context.Context, path string, size int64, backing, backingFormat string) error {
+	args := []string{"create", "-q", "-f", "qcow2"}
+	if backing != "" {
+		args = append(args, "-b", backing, "-F", formatOr(backingFormat))
+	}
+	_, err := t.run(ctx, append(args, path, strconv.FormatInt(size, 10))...)
+	return err
+}
+
+// ErrLocked means a QEMU process holds the image open for writing.
+var ErrLocked = errors.New("image in use by QEMU")
+
+// CheckUnlocked runs `qemu-img check` on one qcow2 image alone, without -U:
+// it fails with ErrLocked while a QEMU process still has the image open
+// for writing (a backup target right after its job ended), and otherwise
+// checks the image's consistency as it will stay.
+func (t Tool) CheckUnlocked(ctx context.Context, path string) error {
+	_, err := t.run(ctx, "check", ImageOpts("qcow2", path, nil))
+	if err != nil && strings.Contains(err.Error(), "lock") && strings.Contains(err.Error(), "Failed to get") {
+		return fmt.Errorf("%w: %v", ErrLocked, err)
+	}
 	return err
 }

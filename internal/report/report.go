@@ -70,7 +70,9 @@ type Domain struct {
 	// Snapshot is the name of the snapshot taken (bimg-YYYYMMDD-HHMMSS).
 	Snapshot string `json:"snapshot,omitempty"`
 	// Moment is the restore point recorded in the backup directory.
-	Moment        string         `json:"moment,omitempty"`
+	Moment string `json:"moment,omitempty"`
+	// CBT is the --cbt push backup.
+	CBT           *CBT           `json:"cbt,omitempty"`
 	Quiesced      bool           `json:"quiesced"`
 	Dump          *Dump          `json:"state_dump,omitempty"`
 	Consolidation *Consolidation `json:"consolidation,omitempty"`
@@ -101,6 +103,16 @@ type File struct {
 	Reason  string  `json:"reason"` // why it was copied or skipped
 	Bytes   int64   `json:"bytes"`  // data bytes written (holes are free)
 	Seconds float64 `json:"seconds"`
+}
+
+// CBT is a --cbt push backup.
+type CBT struct {
+	Checkpoint string `json:"checkpoint"` // created with the backup
+	// Incremental is the checkpoint the increments start from; "" when
+	// every disk got a full backup.
+	Incremental string  `json:"incremental,omitempty"`
+	Seconds     float64 `json:"seconds"` // the job, from its start to its completion event
+	OK          bool    `json:"ok"`
 }
 
 // Dump is the -s state dump.

@@ -74,6 +74,16 @@ var (
 	// ErrNotLocalFile: libvirt cannot name an overlay for a disk that is
 	// not a local file (block device, network disk).
 	ErrNotLocalFile = errors.New("disk is not a local file")
+	// ErrCheckpointInconsistent: a checkpoint's bitmap is missing or
+	// broken (QEMU stopped uncleanly): no incremental backup can use it.
+	ErrCheckpointInconsistent = errors.New("checkpoint inconsistent")
+	// ErrNoCheckpoint: no checkpoint of that name.
+	ErrNoCheckpoint = errors.New("no such checkpoint")
+	// ErrNoBackupJob: the domain runs no backup job.
+	ErrNoBackupJob = errors.New("no backup job")
+	// ErrAgent: the guest agent is not configured or does not answer
+	// (a freeze for -q cannot be done).
+	ErrAgent = errors.New("guest agent unavailable")
 )
 
 // Error is a libvirt failure with the daemon's own message.
@@ -207,6 +217,73 @@ type JobInfo struct {
 	Cur, End uint64
 }
 
+// BackupSpec is one push-mode backup of libvirt's backup API
+// (virDomainBackupBegin) together with the checkpoint created atomically
+// with it. Every target is a qcow2 file the caller created beforehand
+// (REUSE_EXTERNAL): an increment with a relative backing reference to the
+// previous backup file.
+type BackupSpec struct {
+	Checkpoint string       // name of the checkpoint created with the backup
+	Disks      []BackupDisk // every disk of the domain, those left out too
+}
+
+// BackupDisk is one disk of a BackupSpec.
+type BackupDisk struct {
+	Target string // target dev, e.g. "vda"
+	// Path is the pre-created qcow2 file the backup writes; "" leaves the
+	// disk out of the backup.
+	Path string
+	// Incremental names the checkpoint whose changes since then the disk's
+	// backup holds; "" for a full backup.
+	Incremental string
+	// Bitmap makes the new checkpoint track the disk (qcow2 only).
+	Bitmap bool
+}
+
+// BackupEvent is the end of a backup job, as libvirt's job-completed event
+// reports it.
+type BackupEvent struct {
+	Success bool
+	Error   string // libvirt's message when it failed ("Operation canceled")
+}
+
+// BackupEnd is libvirt's record of the domain's last finished job
+// (virDomainGetJobStats with VIR_DOMAIN_JOB_STATS_COMPLETED); it stays
+// until the next job ends.
+type BackupEnd struct {
+	Backup  bool // the job was a backup
+	Success bool
+	Error   string
+	// Elapsed, Total and Processed tell one finished job from another.
+	Elapsed, Total, Processed uint64
+}
+
+// BackupJob is the backup job a domain runs, if any.
+type BackupJob struct {
+	Active  bool
+	Targets []string // the files it writes
+}
+
+// Checkpoint is one checkpoint of a domain.
+type Checkpoint struct {
+	Name    string
+	Bitmaps []string // targets of the disks it tracks with a bitmap
+	// Changed is, per disk target, libvirt's estimate of the bytes
+	// written since the checkpoint (what an increment from it copies);
+	// nil when libvirt could not tell.
+	Changed map[string]uint64
+}
+
+// Tracks reports whether the checkpoint has a bitmap for the disk target.
+func (c Checkpoint) Tracks(target string) bool {
+	for _, t := range c.Bitmaps {
+		if t == target {
+			return true
+		}
+	}
+	return false
+}
+
 // Hypervisor is a connection to libvirt.
 type Hypervisor interface {
 	// LibVersion is libvirt's version, e.g. "9.0.0".
@@ -257,5 +334,34 @@ type Domain interface {
 	QMP(cmd string) (string, error)
 	// QMPWithFile is QMP that also passes f to QEMU (for "getfd").
 	QMPWithFile(cmd string, f *os.File) (string, error)
+
+	// Checkpoints lists the domain's checkpoints (libvirt's metadata).
+	Checkpoints() ([]Checkpoint, error)
+	// DeleteCheckpoint deletes a checkpoint and its bitmaps, or only
+	// libvirt's record of it (metadataOnly: when the bitmaps are gone).
+	// ErrNoCheckpoint when there is none of that name.
+	DeleteCheckpoint(name string, metadataOnly bool) error
+	// WatchBackup delivers the job-completed events of the domain's
+	// backup jobs until stop is called. Register before BeginBackup: a
+	// short job can end before the start call returns.
+	WatchBackup() (events <-chan BackupEvent, stop func(), err error)
+	// BeginBackup starts a push backup into the pre-created targets of
+	// spec (REUSE_EXTERNAL) and creates its checkpoint atomically with it.
+	BeginBackup(spec BackupSpec) error
+	// BackupJob is the backup job the domain runs now.
+	BackupJob() (BackupJob, error)
+	// LastJobEnd is libvirt's record of the last job that ended; ok is
+	// false when it has none.
+	LastJobEnd() (end BackupEnd, ok bool, err error)
+	// AbortBackup aborts the domain's running job. Whether the job ended
+	// aborted or finished anyway is told by its job-completed event only.
+	AbortBackup() error
+	// SetBackupSpeed limits the backup job of disk target to bandwidth
+	// bytes/s.
+	SetBackupSpeed(target string, bandwidth uint64) error
+	// FSFreeze and FSThaw freeze and thaw the guest's file systems through
+	// its agent.
+	FSFreeze() error
+	FSThaw() error
 	Close() error
 }

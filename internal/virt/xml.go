@@ -190,3 +190,81 @@ func withoutDisk(x, target string) string {
 		x = x[end:]
 	}
 }
+
+// BackupXML is the pair of documents virDomainBackupBegin takes for spec:
+// the <domainbackup mode='push'> with every disk named (a disk left out of
+// the backup says so: libvirt's default would back it up), and the
+// <domaincheckpoint> created with it (a bitmap for the disks that asked for
+// one, checkpoint='no' for every other).
+func BackupXML(spec BackupSpec) (backupXML, checkpointXML string, err error) {
+	push := &libvirtxml.DomainBackupPushDisks{}
+	cps := &libvirtxml.DomainCheckpointDisks{}
+	for _, d := range spec.Disks {
+		pd := libvirtxml.DomainBackupPushDisk{Name: d.Target, Backup: "no"}
+		if d.Path != "" {
+			pd.Backup, pd.BackupMode = "yes", "full"
+			if d.Incremental != "" {
+				pd.BackupMode, pd.Incremental = "incremental", d.Incremental
+			}
+			pd.Driver = &libvirtxml.DomainBackupDiskDriver{Type: "qcow2"}
+			pd.Target = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: d.Path}}
+		}
+		push.Disks = append(push.Disks, pd)
+		cd := libvirtxml.DomainCheckpointDisk{Name: d.Target, Checkpoint: "no"}
+		if d.Bitmap {
+			cd.Checkpoint = "bitmap"
+		}
+		cps.Disks = append(cps.Disks, cd)
+	}
+	backupXML, err = (&libvirtxml.DomainBackup{Push: &libvirtxml.DomainBackupPush{Disks: push}}).Marshal()
+	if err != nil {
+		return "", "", fmt.Errorf("backup XML: %w", err)
+	}
+	checkpointXML, err = (&libvirtxml.DomainCheckpoint{Name: spec.Checkpoint, Disks: cps}).Marshal()
+	if err != nil {
+		return "", "", fmt.Errorf("checkpoint XML: %w", err)
+	}
+	return backupXML, checkpointXML, nil
+}
+
+// ParseBackupTargets lists the target files of a running backup job's
+// <domainbackup> document (virDomainBackupGetXMLDesc).
+func ParseBackupTargets(doc string) ([]string, error) {
+	var b libvirtxml.DomainBackup
+	if err := b.Unmarshal(doc); err != nil {
+		return nil, fmt.Errorf("parse backup XML: %w", err)
+	}
+	var out []string
+	if b.Push != nil && b.Push.Disks != nil {
+		for _, d := range b.Push.Disks.Disks {
+			if d.Target != nil && d.Target.File != nil && d.Target.File.File != "" {
+				out = append(out, d.Target.File.File)
+			}
+		}
+	}
+	return out, nil
+}
+
+// ParseCheckpoint reads a <domaincheckpoint> document: its name and the
+// disks it tracks with a bitmap.
+func ParseCheckpoint(doc string) (Checkpoint, error) {
+	var c libvirtxml.DomainCheckpoint
+	if err := c.Unmarshal(doc); err != nil {
+		return Checkpoint{}, fmt.Errorf("parse checkpoint XML: %w", err)
+	}
+	out := Checkpoint{Name: c.Name}
+	if c.Disks != nil {
+		for _, d := range c.Disks.Disks {
+			if d.Checkpoint == "bitmap" {
+				out.Bitmaps = append(out.Bitmaps, d.Name)
+			}
+			if d.Size > 0 {
+				if out.Changed == nil {
+					out.Changed = map[string]uint64{}
+				}
+				out.Changed[d.Name] = d.Size
+			}
+		}
+	}
+	return out, nil
+}

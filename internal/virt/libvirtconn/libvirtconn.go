@@ -287,6 +287,131 @@ func (d *domain) QMPWithFile(cmd string, f *os.File) (string, error) {
 
 func (d *domain) Resume() error { return translate("resume domain", d.d.Resume()) }
 
+func (d *domain) Checkpoints() ([]virt.Checkpoint, error) {
+	cps, err := d.d.ListAllCheckpoints(0)
+	if err != nil {
+		return nil, translate("list checkpoints", err)
+	}
+	var out []virt.Checkpoint
+	var firstErr error
+	for i := range cps {
+		// With the sizes of the changes since (they size the free-space
+		// check); a checkpoint whose bitmap is broken cannot tell them.
+		x, err := cps[i].GetXMLDesc(libvirt.DOMAIN_CHECKPOINT_XML_NO_DOMAIN | libvirt.DOMAIN_CHECKPOINT_XML_SIZE)
+		if err != nil {
+			x, err = cps[i].GetXMLDesc(libvirt.DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+		}
+		if err == nil {
+			var c virt.Checkpoint
+			if c, err = virt.ParseCheckpoint(x); err == nil {
+				out = append(out, c)
+			}
+		} else {
+			err = translate("get checkpoint XML", err)
+		}
+		// A checkpoint deleted meanwhile is simply not listed.
+		if err != nil && !errors.Is(err, virt.ErrNoCheckpoint) && firstErr == nil {
+			firstErr = err
+		}
+		_ = cps[i].Free()
+	}
+	return out, firstErr
+}
+
+func (d *domain) DeleteCheckpoint(name string, metadataOnly bool) error {
+	cp, err := d.d.CheckpointLookupByName(name, 0)
+	if err != nil {
+		return translate("look up checkpoint", err)
+	}
+	defer cp.Free()
+	var flags libvirt.DomainCheckpointDeleteFlags
+	if metadataOnly {
+		flags = libvirt.DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+	}
+	return translate("delete checkpoint", cp.Delete(flags))
+}
+
+func (d *domain) WatchBackup() (<-chan virt.BackupEvent, func(), error) {
+	ch := make(chan virt.BackupEvent, 16)
+	id, err := d.conn.c.DomainEventJobCompletedRegister(d.d, func(_ *libvirt.Connect, _ *libvirt.Domain, ev *libvirt.DomainEventJobCompleted) {
+		info := ev.Info
+		if info.OperationSet && info.Operation != libvirt.DOMAIN_JOB_OPERATION_BACKUP {
+			return // a migration, a save, ...: not ours to judge
+		}
+		// libvirt ≥ 8.0 says whether the job succeeded; before that only
+		// a failed job carries an error message.
+		ok := info.JobSuccess
+		if !info.JobSuccessSet {
+			ok = !info.ErrorMessageSet || info.ErrorMessage == ""
+		}
+		select { // never block libvirt's event loop
+		case ch <- virt.BackupEvent{Success: ok, Error: info.ErrorMessage}:
+		default:
+		}
+	})
+	if err != nil {
+		return nil, nil, translate("register job-completed events", err)
+	}
+	var once sync.Once
+	stop := func() { once.Do(func() { _ = d.conn.c.DomainEventDeregister(id) }) }
+	return ch, stop, nil
+}
+
+func (d *domain) BeginBackup(spec virt.BackupSpec) error {
+	bx, cx, err := virt.BackupXML(spec)
+	if err != nil {
+		return err
+	}
+	return translate("begin backup", d.d.BackupBegin(bx, cx, libvirt.DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL))
+}
+
+func (d *domain) BackupJob() (virt.BackupJob, error) {
+	x, err := d.d.BackupGetXMLDesc(0)
+	if err != nil {
+		err = translate("get backup job", err)
+		if errors.Is(err, virt.ErrNoBackupJob) {
+			return virt.BackupJob{}, nil
+		}
+		return virt.BackupJob{}, err
+	}
+	targets, err := virt.ParseBackupTargets(x)
+	if err != nil {
+		return virt.BackupJob{}, err
+	}
+	return virt.BackupJob{Active: true, Targets: targets}, nil
+}
+
+func (d *domain) LastJobEnd() (virt.BackupEnd, bool, error) {
+	info, err := d.d.GetJobStats(libvirt.DOMAIN_JOB_STATS_COMPLETED)
+	if err != nil {
+		return virt.BackupEnd{}, false, translate("get completed job stats", err)
+	}
+	if info.Type == libvirt.DOMAIN_JOB_NONE {
+		return virt.BackupEnd{}, false, nil
+	}
+	ok := info.Type == libvirt.DOMAIN_JOB_COMPLETED
+	if info.JobSuccessSet {
+		ok = ok && info.JobSuccess
+	}
+	return virt.BackupEnd{
+		Backup:  info.OperationSet && info.Operation == libvirt.DOMAIN_JOB_OPERATION_BACKUP,
+		Success: ok, Error: info.ErrorMessage,
+		Elapsed: info.TimeElapsed, Total: info.DiskTotal, Processed: info.DiskProcessed,
+	}, true, nil
+}
+
+func (d *domain) AbortBackup() error { return translate("abort job", d.d.AbortJob()) }
+
+func (d *domain) SetBackupSpeed(target string, bandwidth uint64) error {
+	return translate("set backup job speed", d.d.BlockJobSetSpeed(target, bandwidth, libvirt.DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES))
+}
+
+func (d *domain) FSFreeze() error {
+	return translate("freeze guest file systems", d.d.FSFreeze(nil, 0))
+}
+
+func (d *domain) FSThaw() error { return translate("thaw guest file systems", d.d.FSThaw(nil, 0)) }
+
 // translate turns a libvirt error into a *virt.Error carrying libvirt's own
 // message and, for the codes the tool reacts to, a sentinel.
 func translate(op string, err error) error {
@@ -305,6 +430,15 @@ func translate(op string, err error) error {
 		ve.Kind = virt.ErrNotRunning
 	case le.Code == libvirt.ERR_BLOCK_COPY_ACTIVE:
 		ve.Kind = virt.ErrJobActive
+	case le.Code == libvirt.ERR_CHECKPOINT_INCONSISTENT:
+		ve.Kind = virt.ErrCheckpointInconsistent
+	case le.Code == libvirt.ERR_NO_DOMAIN_CHECKPOINT:
+		ve.Kind = virt.ErrNoCheckpoint
+	case le.Code == libvirt.ERR_NO_DOMAIN_BACKUP:
+		ve.Kind = virt.ErrNoBackupJob
+	case le.Code == libvirt.ERR_AGENT_UNRESPONSIVE, le.Code == libvirt.ERR_AGENT_UNSYNCED,
+		le.Code == libvirt.ERR_ARGUMENT_UNSUPPORTED && strings.Contains(le.Message, "agent"):
+		ve.Kind = virt.ErrAgent
 	// One code, several causes: libvirt's own wording tells them apart
 	// (virDomainSnapshotDefAssignExternalNames, QEMU's open errors).
 	case le.Code == libvirt.ERR_CONFIG_UNSUPPORTED && strings.Contains(le.Message, "collision with disk"):

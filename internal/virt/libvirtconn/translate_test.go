@@ -25,6 +25,11 @@ func TestTranslate(t *testing.T) {
 		{libvirt.ERR_CONFIG_UNSUPPORTED, "unsupported configuration: source for disk 'vdc' is not a regular file; refusing to generate external snapshot name", virt.ErrNotLocalFile},
 		{libvirt.ERR_INTERNAL_ERROR, "internal error: unable to execute QEMU command 'transaction': Could not create file: Permission denied", virt.ErrPermission},
 		{libvirt.ERR_CONFIG_UNSUPPORTED, "unsupported configuration: external snapshot file for disk vda already exists and is not a block device: /x", nil},
+		{libvirt.ERR_CHECKPOINT_INCONSISTENT, "checkpoint inconsistent: missing or broken bitmap 'cp2' for disk 'vda'", virt.ErrCheckpointInconsistent},
+		{libvirt.ERR_NO_DOMAIN_CHECKPOINT, "Domain checkpoint not found: no domain checkpoint with matching name 'cp9'", virt.ErrNoCheckpoint},
+		{libvirt.ERR_NO_DOMAIN_BACKUP, "Domain backup job id not found: no domain backup job present", virt.ErrNoBackupJob},
+		{libvirt.ERR_ARGUMENT_UNSUPPORTED, "argument unsupported: QEMU guest agent is not configured", virt.ErrAgent},
+		{libvirt.ERR_AGENT_UNRESPONSIVE, "Guest agent is not responding: QEMU guest agent is not connected", virt.ErrAgent},
 	} {
 		err := translate("op", libvirt.Error{Code: tc.code, Message: tc.msg})
 		var ve *virt.Error

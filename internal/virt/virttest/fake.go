@@ -1,7 +1,9 @@
 // Package virttest has an in-memory virt.Hypervisor for unit tests of the
-// logic above libvirt (option handling, domain selection, exit codes). It
-// cannot snapshot or run block jobs: those are tested against a real
-// libvirtd in the integration tests.
+// logic above libvirt (option handling, domain selection, exit codes, the
+// decisions of --cbt). It cannot snapshot or run block jobs, and its backup
+// jobs write no data: those are tested against a real libvirtd in the
+// integration tests. Its checkpoints and backup jobs follow libvirt's rules
+// as far as the tool can tell (see Backup).
 package virttest
 
 import (
@@ -33,6 +35,40 @@ type Fake struct {
 	Resume   func(name string) error
 	open     int
 	Closed   bool
+
+	Backup Backups // checkpoints and backup jobs
+}
+
+// Backups is the fake's checkpoint and backup-job state, as libvirt 9.0
+// keeps it: BeginBackup refuses an incremental backup from a checkpoint
+// that is missing or broken (Broken), and otherwise creates the new
+// checkpoint — which stays even when the job then fails or is aborted.
+// A job ends as End says; AbortBackup ends it with libvirt's "Operation
+// canceled" (unless FinishOnAbort: the abort raced with the job's end).
+type Backups struct {
+	Checkpoints map[string][]virt.Checkpoint // per domain, oldest first
+	Broken      map[string]bool              // checkpoint names whose bitmaps are inconsistent
+	// Begin, when set, is called first; an error fails the start (nothing
+	// is created).
+	Begin func(name string, spec virt.BackupSpec) error
+	// End is how a started job ends by itself: an event, or nil for a job
+	// that runs until it is aborted. Without End, jobs succeed at once.
+	End           func(name string, spec virt.BackupSpec) *virt.BackupEvent
+	FinishOnAbort bool
+	NoAgent       bool  // FSFreeze fails as without a guest agent
+	ThawErr       error // FSThaw fails
+	Frozen        map[string]bool
+	Specs         []virt.BackupSpec // every backup begun
+	Speeds        map[string]uint64 // target → bandwidth set
+	Deleted       []string          // checkpoints deleted (with "(metadata)" when metadata only)
+	DeleteErr     map[string]error  // a checkpoint whose (full) deletion fails
+	// NoEvent: jobs end without a job-completed event (libvirt sometimes
+	// sends none); their end is only in LastJobEnd.
+	NoEvent  bool
+	jobs     map[string]*virt.BackupSpec
+	watchers map[string][]chan virt.BackupEvent
+	ends     map[string]virt.BackupEnd
+	endCount uint64
 }
 
 var _ virt.Hypervisor = (*Fake)(nil)
@@ -168,6 +204,239 @@ func (d *domain) QMP(cmd string) (string, error) {
 	return "", errUnsupported
 }
 func (d *domain) QMPWithFile(string, *os.File) (string, error) { return "", errUnsupported }
+
+func (d *domain) running() error {
+	if s := d.f.States[d.name]; s != virt.StateRunning && s != virt.StatePaused {
+		return &virt.Error{Op: "backup", Code: 55, Kind: virt.ErrNotRunning, Msg: "Requested operation is not valid: domain is not running"}
+	}
+	return nil
+}
+
+func (d *domain) Checkpoints() ([]virt.Checkpoint, error) {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	return append([]virt.Checkpoint(nil), d.f.Backup.Checkpoints[d.name]...), nil
+}
+
+func (d *domain) DeleteCheckpoint(name string, metadataOnly bool) error {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	b := &d.f.Backup
+	cps := b.Checkpoints[d.name]
+	for i, c := range cps {
+		if c.Name != name {
+			continue
+		}
+		if !metadataOnly {
+			if err := d.running(); err != nil {
+				return &virt.Error{Op: "delete checkpoint", Code: 84, Msg: "Operation not supported: cannot delete checkpoint for inactive domain"}
+			}
+			if err := b.DeleteErr[name]; err != nil {
+				return err
+			}
+		}
+		b.Checkpoints[d.name] = append(cps[:i:i], cps[i+1:]...)
+		if metadataOnly {
+			name += " (metadata)"
+		}
+		b.Deleted = append(b.Deleted, name)
+		return nil
+	}
+	return &virt.Error{Op: "look up checkpoint", Code: 103, Kind: virt.ErrNoCheckpoint,
+		Msg: "Domain checkpoint not found: no domain checkpoint with matching name '" + name + "'"}
+}
+
+func (d *domain) WatchBackup() (<-chan virt.BackupEvent, func(), error) {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if d.f.Backup.watchers == nil {
+		d.f.Backup.watchers = map[string][]chan virt.BackupEvent{}
+	}
+	ch := make(chan virt.BackupEvent, 16)
+	d.f.Backup.watchers[d.name] = append(d.f.Backup.watchers[d.name], ch)
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			d.f.mu.Lock()
+			defer d.f.mu.Unlock()
+			ws := d.f.Backup.watchers[d.name]
+			for i, w := range ws {
+				if w == ch {
+					d.f.Backup.watchers[d.name] = append(ws[:i:i], ws[i+1:]...)
+					break
+				}
+			}
+		})
+	}
+	return ch, stop, nil
+}
+
+// end finishes the domain's job with ev (the caller holds the lock).
+func (d *domain) end(ev virt.BackupEvent) {
+	b := &d.f.Backup
+	delete(b.jobs, d.name)
+	if b.ends == nil {
+		b.ends = map[string]virt.BackupEnd{}
+	}
+	b.endCount++
+	b.ends[d.name] = virt.BackupEnd{Backup: true, Success: ev.Success, Error: ev.Error, Elapsed: b.endCount}
+	if b.NoEvent {
+		return
+	}
+	for _, w := range d.f.Backup.watchers[d.name] {
+		select {
+		case w <- ev:
+		default:
+		}
+	}
+}
+
+func (d *domain) BeginBackup(spec virt.BackupSpec) error {
+	b := &d.f.Backup
+	if b.Begin != nil {
+		if err := b.Begin(d.name, spec); err != nil {
+			return err
+		}
+	}
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if err := d.running(); err != nil {
+		return err
+	}
+	if b.jobs[d.name] != nil {
+		return &virt.Error{Op: "begin backup", Code: 55, Msg: "Requested operation is not valid: domain has active block job"}
+	}
+	cp := virt.Checkpoint{Name: spec.Checkpoint}
+	for _, disk := range spec.Disks {
+		if disk.Incremental != "" {
+			found := false
+			for _, c := range b.Checkpoints[d.name] {
+				found = found || c.Name == disk.Incremental && c.Tracks(disk.Target)
+			}
+			if !found || b.Broken[disk.Incremental] {
+				return &virt.Error{Op: "begin backup", Code: 102, Kind: virt.ErrCheckpointInconsistent,
+					Msg: fmt.Sprintf("checkpoint inconsistent: missing or broken bitmap '%s' for disk '%s'", disk.Incremental, disk.Target)}
+			}
+		}
+		if disk.Bitmap {
+			cp.Bitmaps = append(cp.Bitmaps, disk.Target)
+		}
+	}
+	for _, c := range b.Checkpoints[d.name] {
+		if c.Name == cp.Name {
+			return &virt.Error{Op: "begin backup", Code: 1, Msg: "internal error: checkpoint '" + cp.Name + "' already exists"}
+		}
+	}
+	if b.Checkpoints == nil {
+		b.Checkpoints = map[string][]virt.Checkpoint{}
+	}
+	if b.jobs == nil {
+		b.jobs = map[string]*virt.BackupSpec{}
+	}
+	b.Checkpoints[d.name] = append(b.Checkpoints[d.name], cp)
+	b.Specs = append(b.Specs, spec)
+	b.jobs[d.name] = &spec
+	ev := &virt.BackupEvent{Success: true}
+	if b.End != nil {
+		ev = b.End(d.name, spec)
+	}
+	if ev != nil {
+		d.end(*ev)
+	}
+	return nil
+}
+
+func (d *domain) LastJobEnd() (virt.BackupEnd, bool, error) {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if err := d.running(); err != nil {
+		return virt.BackupEnd{}, false, err
+	}
+	e, ok := d.f.Backup.ends[d.name]
+	return e, ok, nil
+}
+
+func (d *domain) BackupJob() (virt.BackupJob, error) {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if err := d.running(); err != nil {
+		return virt.BackupJob{}, err
+	}
+	spec := d.f.Backup.jobs[d.name]
+	if spec == nil {
+		return virt.BackupJob{}, nil
+	}
+	j := virt.BackupJob{Active: true}
+	for _, disk := range spec.Disks {
+		if disk.Path != "" {
+			j.Targets = append(j.Targets, disk.Path)
+		}
+	}
+	return j, nil
+}
+
+// EndWithoutRecord ends a domain's running job with neither an event nor
+// a record of its end (tests of what such an end is taken for).
+func (f *Fake) EndWithoutRecord(name string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.Backup.jobs, name)
+}
+
+// FinishBackup ends a domain's running job by itself (tests of jobs that
+// run until something happens).
+func (f *Fake) FinishBackup(name string, ev virt.BackupEvent) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	(&domain{f: f, name: name}).end(ev)
+}
+
+func (d *domain) AbortBackup() error {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if d.f.Backup.jobs[d.name] == nil {
+		return &virt.Error{Op: "abort job", Code: 55, Msg: "Requested operation is not valid: no job is active on the domain"}
+	}
+	if d.f.Backup.FinishOnAbort {
+		d.end(virt.BackupEvent{Success: true})
+	} else {
+		d.end(virt.BackupEvent{Error: "Operation canceled"})
+	}
+	return nil
+}
+
+func (d *domain) SetBackupSpeed(target string, bandwidth uint64) error {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if d.f.Backup.Speeds == nil {
+		d.f.Backup.Speeds = map[string]uint64{}
+	}
+	d.f.Backup.Speeds[target] = bandwidth
+	return nil
+}
+
+func (d *domain) FSFreeze() error {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if d.f.Backup.NoAgent {
+		return &virt.Error{Op: "freeze guest file systems", Code: 74, Kind: virt.ErrAgent, Msg: "argument unsupported: QEMU guest agent is not configured"}
+	}
+	if d.f.Backup.Frozen == nil {
+		d.f.Backup.Frozen = map[string]bool{}
+	}
+	d.f.Backup.Frozen[d.name] = true
+	return nil
+}
+
+func (d *domain) FSThaw() error {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	if d.f.Backup.ThawErr != nil {
+		return d.f.Backup.ThawErr
+	}
+	delete(d.f.Backup.Frozen, d.name)
+	return nil
+}
 func (d *domain) Close() error {
 	d.f.mu.Lock()
 	defer d.f.mu.Unlock()
