@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/fi-backup/fi-backup/internal/copyfile"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
 )
 
@@ -257,7 +258,7 @@ func (d *Dir) describeCBT(name string) (File, error) {
 	if err != nil {
 		return File{}, err
 	}
-	sum, err := hashFile(p)
+	sum, err := copyfile.HashFile(p)
 	if err != nil {
 		return File{}, err
 	}
