@@ -92,6 +92,7 @@ TABLE=$W/table
 # row GROUP MEASUREMENT RESULT DETAIL TARGET VERDICT
 row() { printf '| %s | %s | %s | %s | %s | %s |\n' "$@" >>"$TABLE"; }
 pass() { awk "BEGIN { exit !($1) }" && echo "**PASS**" || echo "**FAIL**"; }
+alloc() { du -s -B1 "$@" | awk '{s += $1} END {print s}'; } # allocated bytes
 r2() { printf '%.2f' "$1"; }
 
 # timed FILE CMD...: run CMD (output to the log) under /usr/bin/time; append
@@ -254,7 +255,31 @@ groupAB() {
 	else
 		row B "**fi-backup** second run after $INC_MIB MiB of guest writes" "$(r2 "$t") s" "$(spread "$W/B-ours"); no virtnbdbackup to compare" "≤ virtnbdbackup \`-l inc\`" "n/a"
 	fi
-	rm -rf "$W/bk-ours" "$W/bk-old" "$W/bk-inc" "$W/nbd-full" "$W/nbd-inc"
+	# B with --cbt: the same writes, only the changed clusters copied, no
+	# overlay; the host's files must not grow run after run.
+	log "B: --cbt incremental backups after $INC_MIB MiB of guest writes"
+	"$FIB" -c $BIGDOM >>"$LOG" 2>&1
+	rm -rf "$W/bk-cbt" && mkdir -p "$W/bk-cbt"
+	"$B/nextsec.sh"
+	"$FIB" --cbt -b "$W/bk-cbt" $BIGDOM >>"$LOG" 2>&1 # the full one, untimed
+	local host0 host1
+	host0=$(alloc "$W/doms/$BIGDOM")
+	for ((r = 0; r < R_INC; r++)); do
+		"$B/guestwrite.sh" $INC_MIB 1 $BIGDOM
+		dropcaches
+		timed "$W/B-cbt" "$FIB" --cbt -b "$W/bk-cbt" $BIGDOM
+	done
+	host1=$(alloc "$W/doms/$BIGDOM")
+	t=$(med "$W/B-cbt")
+	if [ -n "$NBD" ]; then
+		row B "**fi-backup \`--cbt\`** incremental run after the same $INC_MIB MiB of writes" "$(r2 "$t") s" "$(spread "$W/B-cbt"); $(r2 "$(calc "$t / $(med "$W/B-nbd")")")× virtnbdbackup \`-l inc\`" \
+			"≤ 0.2× virtnbdbackup \`-l inc\`" "$(failed "$W/B-cbt" && echo "**FAIL** (error)" || pass "$t <= 0.2 * $(med "$W/B-nbd")")"
+	else
+		row B "**fi-backup \`--cbt\`** incremental run after the same $INC_MIB MiB of writes" "$(r2 "$t") s" "$(spread "$W/B-cbt"); no virtnbdbackup to compare" "≤ 0.2× virtnbdbackup \`-l inc\`" "n/a"
+	fi
+	row B "host files of the domain across the \`--cbt\` runs" "$(r2 "$(calc "($host1 - $host0) / 1048576")") MiB" "allocated bytes of its image directory after the full run and after $R_INC increments" \
+		"no growth (≤ 1 MiB)" "$(pass "$host1 - $host0 <= 1048576")"
+	rm -rf "$W/bk-ours" "$W/bk-old" "$W/bk-inc" "$W/bk-cbt" "$W/nbd-full" "$W/nbd-inc"
 	dom_remove $BIGDOM && rm -rf "$W/doms/$BIGDOM"
 	dom_remove $NBDDOM && rm -rf "$W/doms/$NBDDOM"
 }

@@ -549,3 +549,48 @@ func TestCBTParallel(t *testing.T) {
 	a.checkAll(t)
 	b.checkAll(t)
 }
+
+// TestCBTUndefineAndRedefine: the admin's path of the README for a domain
+// that has our checkpoints. A plain undefine is refused by libvirt; undefine
+// with --checkpoints-metadata works; the bitmaps left in the image are
+// removed with qemu-img; the restore points in DIR are untouched; the
+// redefined domain's next --cbt run is a full backup, and the series goes on.
+func TestCBTUndefineAndRedefine(t *testing.T) {
+	s := newCBTSeries(t, "cbt-undef", domOpts{})
+	s.d.write(t, 0, 0x41, "0", "2M")
+	s.backup(t)
+	s.d.write(t, 0, 0x42, "1M", "1M")
+	s.backup(t)
+	def := filepath.Join(t.TempDir(), "dom.xml")
+	require.NoError(t, os.WriteFile(def, []byte(virsh(t, "dumpxml", "--inactive", s.d.Name)), 0o644))
+
+	out, err := exec.Command("virsh", "-c", uri, "undefine", s.d.Name).CombinedOutput()
+	require.Error(t, err, "libvirt refuses to undefine a domain with checkpoints: %s", out)
+	virsh(t, "undefine", s.d.Name, "--checkpoints-metadata")
+	virsh(t, "destroy", s.d.Name)
+	img := s.d.Disks[0]
+	var info struct {
+		Specific struct {
+			Data struct {
+				Bitmaps []struct{ Name string } `json:"bitmaps"`
+			} `json:"data"`
+		} `json:"format-specific"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(sh(t, "qemu-img", "info", "--output=json", img)), &info))
+	require.NotEmpty(t, info.Specific.Data.Bitmaps, "the checkpoint's bitmap stays in the image")
+	for _, b := range info.Specific.Data.Bitmaps {
+		require.True(t, strings.HasPrefix(b.Name, "fi-backup-"+s.id(t)+"-"), b.Name)
+		sh(t, "qemu-img", "bitmap", "--remove", img, b.Name)
+	}
+	assert.Equal(t, 0, run(t, "--verify", "-b", s.bk, s.d.Name).Code, "the restore points are not affected")
+
+	virsh(t, "define", def)
+	virsh(t, "start", s.d.Name)
+	s.d.write(t, 0, 0x43, "3M", "1M")
+	m, _ := s.backup(t)
+	assert.Empty(t, backingName(t, filepath.Join(s.bk, "disk1.cbt-"+m)), "a full backup")
+	s.d.write(t, 0, 0x44, "4M", "1M")
+	m2, _ := s.backup(t)
+	assert.Equal(t, "disk1.cbt-"+m, backingName(t, filepath.Join(s.bk, "disk1.cbt-"+m2)))
+	s.checkAll(t)
+}
