@@ -551,7 +551,8 @@ func TestCBTParallel(t *testing.T) {
 }
 
 // TestCBTUndefineAndRedefine: the admin's path of the README for a domain
-// that has our checkpoints. A plain undefine is refused by libvirt; undefine
+// that has our checkpoints. A plain undefine of the shut-off domain is
+// refused by libvirt; undefine
 // with --checkpoints-metadata works; the bitmaps left in the image are
 // removed with qemu-img; the restore points in DIR are untouched; the
 // redefined domain's next --cbt run is a full backup, and the series goes on.
@@ -564,10 +565,10 @@ func TestCBTUndefineAndRedefine(t *testing.T) {
 	def := filepath.Join(t.TempDir(), "dom.xml")
 	require.NoError(t, os.WriteFile(def, []byte(virsh(t, "dumpxml", "--inactive", s.d.Name)), 0o644))
 
-	out, err := exec.Command("virsh", "-c", uri, "undefine", s.d.Name).CombinedOutput()
-	require.Error(t, err, "libvirt refuses to undefine a domain with checkpoints: %s", out)
-	virsh(t, "undefine", s.d.Name, "--checkpoints-metadata")
 	virsh(t, "destroy", s.d.Name)
+	out, err := exec.Command("virsh", "-c", uri, "undefine", s.d.Name).CombinedOutput()
+	require.Error(t, err, "libvirt refuses to undefine a shut-off domain with checkpoints: %s", out)
+	virsh(t, "undefine", s.d.Name, "--checkpoints-metadata")
 	img := s.d.Disks[0]
 	var info struct {
 		Specific struct {
