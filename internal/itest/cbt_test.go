@@ -492,31 +492,7 @@ func TestCBTQuiesceRealGuest(t *testing.T) {
 	require.NoError(t, os.Rename(a.Dir, moved))
 	t.Cleanup(func() { _ = os.Rename(moved, a.Dir) })
 	for i, p := range pts {
-		target := filepath.Join(t.TempDir(), fmt.Sprintf("restored %d", i+1))
-		require.NoError(t, os.Mkdir(target, 0o755))
-		require.Equal(t, 0, run(t, "--restore="+p.Moment, "--target_dir", target, "-b", bk, a.Name).Code)
-		disk := filepath.Join(target, "guest disk.qcow2")
-		sb := superblock(t, disk)
-		state, features := fsStateRE.FindStringSubmatch(sb), fsFeaturesRE.FindStringSubmatch(sb)
-		require.NotNil(t, state, sb)
-		assert.Equal(t, "clean", strings.TrimSpace(state[1]), "restore point %s before its boot", p.Moment)
-		assert.NotContains(t, features[1], "needs_recovery", "restore point %s before its boot", p.Moment)
-
-		name := defineRestored(t, target, a.Name, p.Moment)
-		virsh(t, "start", name)
-		restored := &agentDomain{Name: name}
-		require.True(t, eventually(120*time.Second, func() bool {
-			_, err := restored.agentCmd(`{"execute":"guest-ping"}`)
-			return err == nil
-		}), "the restored guest %s did not come up", name)
-		require.True(t, eventually(60*time.Second, func() bool {
-			code, _ := restored.exec(t, "grep -q ' /mnt/vda ' /proc/mounts")
-			return code == 0
-		}), "the restored guest did not mount its disk")
-		code, out := restored.exec(t, "cat /mnt/vda/marker")
-		require.Equal(t, 0, code, out)
-		assert.Equal(t, fmt.Sprintf("marker-%d\n", i+1), out, "restore point %s holds the marker of its moment", p.Moment)
-		virsh(t, "destroy", name)
+		bootRestorePoint(t, bk, a, p.Moment, fmt.Sprintf("marker-%d\n", i+1))
 	}
 }
 
