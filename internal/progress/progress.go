@@ -82,9 +82,15 @@ func (u *UI) Stop() {
 	close(u.stop)
 	u.ticking.Wait()
 	// The second request is taken only once the first redraw has started,
-	// and Shutdown lets a started redraw finish: the lines are out.
-	u.refresh <- time.Now()
-	u.refresh <- time.Now()
+	// and Shutdown lets a started redraw finish: the lines are out. A
+	// display that gave up (mpb stops when it cannot draw, e.g. on a
+	// terminal that went away) takes no request: never wait for it long.
+	for i := 0; i < 2; i++ {
+		select {
+		case u.refresh <- time.Now():
+		case <-time.After(time.Second):
+		}
+	}
 	u.p.Shutdown()
 }
 

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fi-backup/fi-backup/internal/testenv"
 	"github.com/stretchr/testify/assert"
@@ -50,5 +51,35 @@ func TestTerminalShowsBarsAndLines(t *testing.T) {
 		require.GreaterOrEqual(t, at, 0, "line %d printed:\n%q", i, out)
 		assert.Greater(t, at, last, "in order")
 		last = at
+	}
+}
+
+// TestStopWhenTheTerminalWentAway: the terminal closes under the display
+// (an ssh session that dropped); the run still ends: Stop returns.
+func TestStopWhenTheTerminalWentAway(t *testing.T) {
+	tty, drawn := testenv.Terminal(t, 24, 120)
+	u, logTo := Start(tty, tty)
+	require.NotNil(t, u)
+	bar := u.Copy("dom", "/x/disk1.qcow2", 100<<20)
+	bar.Set(1<<20, 100<<20)
+	_, _ = logTo.Write([]byte("[VER] before\n"))
+	_ = drawn() // closes the terminal
+	_, _ = logTo.Write([]byte("[VER] after\n"))
+	// mpb gives up at its next redraw (it cannot read the terminal's size);
+	// from then on it refuses writes. Wait for that state, which is the one
+	// where a redraw request would find nobody to take it.
+	require.Eventually(t, func() bool {
+		_, err := u.p.Write(nil)
+		return err != nil
+	}, 30*time.Second, 10*time.Millisecond, "the display did not give up")
+	stopped := make(chan struct{})
+	go func() {
+		u.Stop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(30 * time.Second): // a deadline, not a speed test
+		t.Fatal("Stop did not return once the terminal was gone")
 	}
 }
