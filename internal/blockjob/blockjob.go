@@ -105,6 +105,20 @@ func (c *Consolidator) Domain(ctx context.Context, dom Domain, users Users) erro
 		c.P.Err("Error: Consolidation requires '%s' to be running", name)
 		return ErrFailed
 	}
+	return c.eachDisk(ctx, dom, string(c.Method), func(d virt.Disk) error {
+		return c.disk(ctx, dom, d, users)
+	})
+}
+
+// eachDisk runs consolidate on every file disk of dom, with the old tool's
+// debug lines (method is what the "Consolidation method" line says). Each
+// disk is tried (B35); any failure, or an interruption before a disk's
+// turn, fails the domain.
+func (c *Consolidator) eachDisk(ctx context.Context, dom interface {
+	Name() string
+	Disks() ([]virt.Disk, error)
+}, method string, consolidate func(virt.Disk) error) error {
+	name := dom.Name()
 	all, err := dom.Disks()
 	if err != nil {
 		c.P.Err("Cannot read the disks of '%s': %s", name, virt.Describe(err))
@@ -117,7 +131,7 @@ func (c *Consolidator) Domain(ctx context.Context, dom Domain, users Users) erro
 	}
 	c.P.Debug("Consolidation of block devices for '%s' requested", name)
 	c.P.Debug("Block devices to be consolidated:\n\t%s", strings.Join(paths, " "))
-	c.P.Debug("Consolidation method: %s", c.Method)
+	c.P.Debug("Consolidation method: %s", method)
 	failed := false
 	for i, d := range disks {
 		if ctx.Err() != nil {
@@ -125,7 +139,7 @@ func (c *Consolidator) Domain(ctx context.Context, dom Domain, users Users) erro
 			break
 		}
 		c.P.Debug("Consolidation of '%d' block device: '%s' for '%s'", i, d.Source, name)
-		if err := c.disk(ctx, dom, d, users); err != nil {
+		if err := consolidate(d); err != nil {
 			failed = true
 		}
 	}

@@ -3,7 +3,6 @@ package blockjob
 import (
 	"context"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/fi-backup/fi-backup/internal/journal"
@@ -59,35 +58,10 @@ type ChainOf func(ctx context.Context, path string) ([]virt.Image, error)
 // Offline consolidates every file disk of a shut-off domain. Each disk is
 // tried; any failure fails the domain.
 func (c *Consolidator) Offline(ctx context.Context, dom OfflineDomain, img Images, chainOf ChainOf, users Users) error {
-	name := dom.Name()
-	all, err := dom.Disks()
-	if err != nil {
-		c.P.Err("Cannot read the disks of '%s': %s", name, virt.Describe(err))
-		return ErrFailed
-	}
-	disks := virt.FileDisks(all)
-	paths := make([]string, len(disks))
-	for i, d := range disks {
-		paths[i] = d.Source
-	}
-	c.P.Debug("Consolidation of block devices for '%s' requested", name)
-	c.P.Debug("Block devices to be consolidated:\n\t%s", strings.Join(paths, " "))
-	c.P.Debug("Consolidation method: %s (offline, with qemu-img: '%s' is shut off)", c.Method, name)
-	failed := false
-	for i, d := range disks {
-		if ctx.Err() != nil {
-			failed = true
-			break
-		}
-		c.P.Debug("Consolidation of '%d' block device: '%s' for '%s'", i, d.Source, name)
-		if err := c.offlineDisk(ctx, dom, d, img, chainOf, users); err != nil {
-			failed = true
-		}
-	}
-	if failed {
-		return ErrFailed
-	}
-	return nil
+	method := fmt.Sprintf("%s (offline, with qemu-img: '%s' is shut off)", c.Method, dom.Name())
+	return c.eachDisk(ctx, dom, method, func(d virt.Disk) error {
+		return c.offlineDisk(ctx, dom, d, img, chainOf, users)
+	})
 }
 
 func (c *Consolidator) offlineDisk(ctx context.Context, dom OfflineDomain, d virt.Disk, img Images, chainOf ChainOf, users Users) error {
