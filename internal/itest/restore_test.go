@@ -278,19 +278,7 @@ func TestRestoreOldScriptDirectory(t *testing.T) {
 	moved := d.Dir + " moved away"
 	require.NoError(t, os.Rename(d.Dir, moved))
 	t.Cleanup(func() { _ = os.Rename(moved, d.Dir) })
-	for i, p := range pts {
-		target := t.TempDir()
-		r := run(t, "--restore="+p.Moment, "--target_dir", target, "-b", bk, d.Name)
-		require.Equal(t, 0, r.Code)
-		restored := filepath.Join(target, "disk1.qcow2")
-		for j := 0; j < 3; j++ {
-			want := byte(0)
-			if j <= i {
-				want = byte(0x61 + j)
-			}
-			consReads(t, restored, want, fmt.Sprintf("%dM", j), "1M")
-		}
-	}
+	restoresSeries(t, bk, d, pts, 0x61)
 }
 
 // TestRestoreAcrossGenerations: after a blockcommit the next backup keeps
@@ -314,14 +302,22 @@ func TestRestoreAcrossGenerations(t *testing.T) {
 	require.Len(t, pts, 3)
 	assert.Contains(t, pts[0].Files, filepath.Base(gens[0]), "the first point now reads the generation")
 	require.Equal(t, 0, run(t, "--verify", "-b", bk, d.Name).Code, "manifests follow the generation's rename")
+	restoresSeries(t, bk, d, pts, 0x71)
+}
+
+// restoresSeries restores every point of a series whose run i wrote
+// pattern base+i at i MiB, and checks that point i reads back the writes of
+// runs 0..i and zeroes where the later ones wrote.
+func restoresSeries(t *testing.T, bk string, d *Domain, pts []listed, base byte) {
+	t.Helper()
 	for i, p := range pts {
 		target := t.TempDir()
 		require.Equal(t, 0, run(t, "--restore="+p.Moment, "--target_dir", target, "-b", bk, d.Name).Code)
 		restored := filepath.Join(target, "disk1.qcow2")
-		for j := 0; j < 3; j++ {
+		for j := range pts {
 			want := byte(0)
 			if j <= i {
-				want = byte(0x71 + j)
+				want = base + byte(j)
 			}
 			consReads(t, restored, want, fmt.Sprintf("%dM", j), "1M")
 		}
