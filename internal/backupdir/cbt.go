@@ -17,6 +17,7 @@ import (
 
 	"github.com/fi-backup/fi-backup/internal/copyfile"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
+	"github.com/fi-backup/fi-backup/internal/virt"
 )
 
 // A --cbt run writes each disk's restore point as one new qcow2 file made
@@ -249,20 +250,14 @@ func (d *Dir) FinishCBT(ctx context.Context, t CBTTarget, wait time.Duration) (F
 // (it is no copy of a host file, so retention never takes a host file for
 // merged because of it), and Copied: this run made it.
 func (d *Dir) describeCBT(name string) (File, error) {
-	p := filepath.Join(d.Path, name)
-	format, vsize, err := qcow2.VirtualSize(p)
+	// Hashed afresh: no earlier manifest's hash of the name may stand in.
+	sum, err := copyfile.HashFile(filepath.Join(d.Path, name))
 	if err != nil {
 		return File{}, err
 	}
-	st, err := os.Stat(p)
-	if err != nil {
-		return File{}, err
-	}
-	sum, err := copyfile.HashFile(p)
-	if err != nil {
-		return File{}, err
-	}
-	return File{Name: name, Size: st.Size(), VirtualSize: vsize, Format: format, SHA256: sum, Copied: true}, nil
+	f, err := d.describe(name, virt.Image{}, sum)
+	f.Copied = true
+	return f, err
 }
 
 // renameNoReplace renames without replacing an existing file.
