@@ -24,6 +24,8 @@
 #   BENCH_DIR      parent of the scratch directory (default /var/tmp)
 #   BENCH_QUICK=1  fewer runs and domains: a smoke test, not for the record
 #   BENCH_DOC      report file (default bin/performance.md; empty: none)
+#   BENCH_GROUPS   the groups to run (default "AB C D E"); a subset is for
+#                  working on one target, not for the record
 # Every domain the benchmark makes is named fibt-bench-* and removed at the
 # end with the scratch directory, also on failure or Ctrl-C. Command output
 # goes to /tmp/fibt-bench.log.
@@ -430,10 +432,12 @@ groupE() {
 	rm -rf "$W/bk-C"
 }
 
-groupAB
-groupC
-groupD
-groupE
+for g in ${BENCH_GROUPS:-AB C D E}; do
+	case $g in
+	AB | C | D | E) "group$g" ;;
+	*) log "unknown group '$g' in BENCH_GROUPS (AB C D E)"; exit 2 ;;
+	esac
+done
 
 # --- report ------------------------------------------------------------------------
 MACHINE+=$'\n'"| load average at end | $(cut -d' ' -f1-3 /proc/loadavg) |"
