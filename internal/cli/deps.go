@@ -2,6 +2,7 @@ package cli
 
 import (
 	"os/exec"
+	"path/filepath"
 
 	"github.com/fi-backup/fi-backup/internal/blockjob"
 	"github.com/fi-backup/fi-backup/internal/qcow2"
@@ -22,9 +23,11 @@ func defaultMethod(hyp virt.Hypervisor) blockjob.Method {
 	return blockjob.Pull
 }
 
-// qemuImgProbe is the run's one `qemu-img --version`, started together
-// with the libvirt connection so that the two overlap instead of adding up
-// (the process costs tens of milliseconds, as much as the connection).
+// qemuImgProbe is the run's qemu-img version: remembered from an earlier
+// run of the same binary, else its one `qemu-img --version`, started
+// together with the libvirt connection so that the two overlap instead of
+// adding up (the process costs tens of milliseconds, as much as the
+// connection, and competes with it for the CPU).
 type qemuImgProbe struct {
 	name, path string
 	lookErr    error
@@ -45,9 +48,24 @@ func (a *app) startQemuImgProbe() *qemuImgProbe {
 	}
 	go func() {
 		defer close(p.done)
-		p.version, p.err = qcow2.Version(p.path)
+		p.version, p.err = qcow2.VersionCached(p.path, a.versionCache())
 	}()
 	return p
+}
+
+// versionCache is where qemu-img's version is remembered between runs
+// (see qcow2.VersionCached): $XDG_CACHE_HOME/fi-backup, else
+// $HOME/.cache/fi-backup; "" (no cache) when neither is set.
+func (a *app) versionCache() string {
+	dir := a.Getenv("XDG_CACHE_HOME")
+	if !filepath.IsAbs(dir) {
+		dir = a.Getenv("HOME")
+		if !filepath.IsAbs(dir) {
+			return ""
+		}
+		dir = filepath.Join(dir, ".cache")
+	}
+	return filepath.Join(dir, "fi-backup", "qemu-img-version.json")
 }
 
 func (a *app) checkDependencies(hyp virt.Hypervisor, connErr error, probe *qemuImgProbe) (string, bool) {
