@@ -204,21 +204,22 @@ func (d *Dir) CreateCBT(ctx context.Context, t CBTTarget) error {
 
 // FinishCBT gives a target whose job succeeded its final name: it waits
 // (at most wait) until QEMU has closed it — QEMU still writes the image's
-// metadata for a moment after the job's end — which qemu-img check also
-// proves consistent, then sets its mode, makes it durable and renames it
-// without replacing anything. It returns the file as a manifest records it.
+// metadata for a moment after the job's end — and its header says it was
+// closed cleanly (qcow2.CheckClosed), then sets its mode, makes it durable
+// and renames it without replacing anything. It returns the file as a
+// manifest records it.
 func (d *Dir) FinishCBT(ctx context.Context, t CBTTarget, wait time.Duration) (File, error) {
 	tmp, final := d.Temp(t), d.Final(t)
 	end := time.Now().Add(wait)
 	for {
-		err := d.Tool.CheckUnlocked(ctx, tmp)
+		err := qcow2.CheckClosed(tmp)
 		if err == nil {
 			break
 		}
 		if !errors.Is(err, qcow2.ErrLocked) || time.Now().After(end) || ctx.Err() != nil {
 			return File{}, err
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
 	}
 	f, err := os.OpenFile(tmp, os.O_RDWR|unix.O_NOFOLLOW, 0)
 	if err != nil {
