@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -322,13 +323,18 @@ func (r *Runner) cbtBase(dom virt.Domain, id string, disks []*cbtDisk, forceFull
 		return "", nil
 	}
 	want := cbt.CheckpointName(id, last.Moment)
-	var base *virt.Checkpoint
-	for i := range ours {
-		if ours[i].Name == want {
-			base = &ours[i]
+	found := slices.ContainsFunc(ours, func(c virt.Checkpoint) bool { return c.Name == want })
+	var base virt.Checkpoint
+	if found {
+		// Only the base's sizes are asked for: each costs QEMU a bitmap
+		// merge.
+		if base, err = dom.Checkpoint(want); err != nil && !errors.Is(err, virt.ErrNoCheckpoint) {
+			r.p.Err("Backup for '%s' failed! Cannot read its checkpoint '%s': %s", name, want, virt.Describe(err))
+			return "", ErrFailed
 		}
+		found = err == nil
 	}
-	if base == nil {
+	if !found {
 		r.p.Warn("The checkpoint '%s' of the newest --cbt restore point %s of '%s' is not on the host (the domain was redefined, or the checkpoint deleted): full backup", want, last.Moment, name)
 		return "", nil
 	}

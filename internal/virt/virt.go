@@ -335,8 +335,13 @@ type Domain interface {
 	// QMPWithFile is QMP that also passes f to QEMU (for "getfd").
 	QMPWithFile(cmd string, f *os.File) (string, error)
 
-	// Checkpoints lists the domain's checkpoints (libvirt's metadata).
+	// Checkpoints lists the domain's checkpoints (libvirt's metadata),
+	// without their Changed sizes (asking QEMU for those costs a QMP
+	// transaction per checkpoint).
 	Checkpoints() ([]Checkpoint, error)
+	// Checkpoint is one checkpoint with, where libvirt can tell them, its
+	// Changed sizes. ErrNoCheckpoint when there is none of that name.
+	Checkpoint(name string) (Checkpoint, error)
 	// DeleteCheckpoint deletes a checkpoint and its bitmaps, or only
 	// libvirt's record of it (metadataOnly: when the bitmaps are gone).
 	// ErrNoCheckpoint when there is none of that name.

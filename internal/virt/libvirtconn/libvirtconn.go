@@ -295,19 +295,9 @@ func (d *domain) Checkpoints() ([]virt.Checkpoint, error) {
 	var out []virt.Checkpoint
 	var firstErr error
 	for i := range cps {
-		// With the sizes of the changes since (they size the free-space
-		// check); a checkpoint whose bitmap is broken cannot tell them.
-		x, err := cps[i].GetXMLDesc(libvirt.DOMAIN_CHECKPOINT_XML_NO_DOMAIN | libvirt.DOMAIN_CHECKPOINT_XML_SIZE)
-		if err != nil {
-			x, err = cps[i].GetXMLDesc(libvirt.DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
-		}
+		c, err := parseCheckpoint(&cps[i], false)
 		if err == nil {
-			var c virt.Checkpoint
-			if c, err = virt.ParseCheckpoint(x); err == nil {
-				out = append(out, c)
-			}
-		} else {
-			err = translate("get checkpoint XML", err)
+			out = append(out, c)
 		}
 		// A checkpoint deleted meanwhile is simply not listed.
 		if err != nil && !errors.Is(err, virt.ErrNoCheckpoint) && firstErr == nil {
@@ -316,6 +306,35 @@ func (d *domain) Checkpoints() ([]virt.Checkpoint, error) {
 		_ = cps[i].Free()
 	}
 	return out, firstErr
+}
+
+func (d *domain) Checkpoint(name string) (virt.Checkpoint, error) {
+	cp, err := d.d.CheckpointLookupByName(name, 0)
+	if err != nil {
+		return virt.Checkpoint{}, translate("look up checkpoint", err)
+	}
+	defer cp.Free()
+	return parseCheckpoint(cp, true)
+}
+
+// parseCheckpoint reads a checkpoint's XML; with sizes, the sizes of the
+// changes since (they size the free-space check), which a checkpoint whose
+// bitmap is broken cannot tell: then without.
+func parseCheckpoint(cp *libvirt.DomainCheckpoint, sizes bool) (virt.Checkpoint, error) {
+	var (
+		x   string
+		err error
+	)
+	if sizes {
+		x, err = cp.GetXMLDesc(libvirt.DOMAIN_CHECKPOINT_XML_NO_DOMAIN | libvirt.DOMAIN_CHECKPOINT_XML_SIZE)
+	}
+	if !sizes || err != nil {
+		x, err = cp.GetXMLDesc(libvirt.DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+	}
+	if err != nil {
+		return virt.Checkpoint{}, translate("get checkpoint XML", err)
+	}
+	return virt.ParseCheckpoint(x)
 }
 
 func (d *domain) DeleteCheckpoint(name string, metadataOnly bool) error {

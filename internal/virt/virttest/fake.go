@@ -218,6 +218,17 @@ func (d *domain) Checkpoints() ([]virt.Checkpoint, error) {
 	return append([]virt.Checkpoint(nil), d.f.Backup.Checkpoints[d.name]...), nil
 }
 
+func (d *domain) Checkpoint(name string) (virt.Checkpoint, error) {
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	for _, c := range d.f.Backup.Checkpoints[d.name] {
+		if c.Name == name {
+			return c, nil
+		}
+	}
+	return virt.Checkpoint{}, noCheckpoint(name)
+}
+
 func (d *domain) DeleteCheckpoint(name string, metadataOnly bool) error {
 	d.f.mu.Lock()
 	defer d.f.mu.Unlock()
@@ -242,6 +253,11 @@ func (d *domain) DeleteCheckpoint(name string, metadataOnly bool) error {
 		b.Deleted = append(b.Deleted, name)
 		return nil
 	}
+	return noCheckpoint(name)
+}
+
+// noCheckpoint is libvirt's error for a checkpoint name it does not know.
+func noCheckpoint(name string) error {
 	return &virt.Error{Op: "look up checkpoint", Code: 103, Kind: virt.ErrNoCheckpoint,
 		Msg: "Domain checkpoint not found: no domain checkpoint with matching name '" + name + "'"}
 }
