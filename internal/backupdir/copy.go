@@ -157,6 +157,10 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 		bar = d.Bar(src.Path, allocated(src.Path))
 		defer bar.Done()
 	}
+	prepareHead := int64(qcow2.HeadMax)
+	if backing != "" && backingFormat == "" {
+		prepareHead = 0 // left to qemu-img: see setBacking
+	}
 	st, err := copyfile.Copy(ctx, src.Path, dst, copyfile.Options{
 		Preserve: preserve,
 		Limit:    d.Limit,
@@ -166,6 +170,10 @@ func (d *Dir) copyOne(ctx context.Context, domain string, src virt.Image, parent
 		Progress: func(done int64) {
 			bar.Set(done, 0)
 		},
+		// Prepare rewrites the header cluster at most (natively; qemu-img
+		// may store bitmaps anew past it): the hash follows the copy from
+		// the moment it is done.
+		PrepareHead: prepareHead,
 		Prepare: func(tmp string) error {
 			if below != nil {
 				if err := d.setBacking(ctx, tmp, backing, backingFormat); err != nil {

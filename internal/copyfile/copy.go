@@ -23,6 +23,14 @@ type Options struct {
 	// cp -p timestamps are set after the rewrite.
 	Prepare func(tmp string) error
 
+	// PrepareHead, when > 0, promises that Prepare changes no byte at or
+	// past offset PrepareHead (fi-backup rewrites the qcow2 header
+	// cluster). Those first bytes are then copied first and Prepare is
+	// called on them alone, so that with Hash the hash follows the rest
+	// of the copy as it is written instead of reading the whole copy again
+	// after it. 0: Prepare may change anything; it runs after the copy.
+	PrepareHead int64
+
 	// BeforeRename, when set, is called with the temporary file's path
 	// once it is complete and durable (data, metadata, fsync) and right
 	// before it is renamed over dst; an error aborts the copy and leaves
@@ -34,7 +42,8 @@ type Options struct {
 	// Hash asks for the SHA-256 of the copy in Stats.SHA256. The
 	// temporary file is read back through the page cache on another core
 	// (holes hashed as zeros without being read): while it is copied when
-	// there is no Prepare, else after Prepare (so the hash covers a
+	// there is no Prepare or PrepareHead bounds it (from the moment Prepare
+	// has rewritten the head), else after Prepare (so the hash covers a
 	// rewritten header) while the metadata is set and the final fsync
 	// waits for the disk.
 	Hash bool
@@ -185,21 +194,39 @@ func checkDestination(dst string, src *unix.Stat_t) error {
 // Prepare, it starts once Prepare is done.
 func writeTemp(ctx context.Context, in, out int, tmp string, sst *unix.Stat_t, opt Options) (Stats, *pendingHash, error) {
 	var (
-		prog    *progress
-		hashing *pendingHash
-		err     error
+		prog     *progress
+		hashing  *pendingHash
+		err      error
+		prepared bool
+		atHead   func() error
 	)
-	if opt.Hash && opt.Prepare == nil {
+	prepare := func() error {
+		prepared = true
+		if err := opt.Prepare(tmp); err != nil {
+			return fmt.Errorf("prepare: %w", err)
+		}
+		return nil
+	}
+	switch {
+	case opt.Hash && opt.Prepare == nil:
 		prog = newProgress()
 		if hashing, err = startHash(ctx, out, prog); err != nil {
 			return Stats{}, nil, err
 		}
-	}
-	stats, err := writeData(ctx, in, out, sst.Size, opt, prog)
-	if err == nil && opt.Prepare != nil {
-		if perr := opt.Prepare(tmp); perr != nil {
-			err = fmt.Errorf("prepare: %w", perr)
+	case opt.Hash && opt.PrepareHead > 0:
+		prog = newProgress()
+		atHead = func() error {
+			if err := prepare(); err != nil {
+				return err
+			}
+			var err error
+			hashing, err = startHash(ctx, out, prog)
+			return err
 		}
+	}
+	stats, err := writeData(ctx, in, out, sst.Size, opt, prog, atHead)
+	if err == nil && opt.Prepare != nil && !prepared {
+		err = prepare()
 	}
 	if err == nil && opt.Hash && hashing == nil {
 		var st unix.Stat_t

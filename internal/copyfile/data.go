@@ -33,8 +33,11 @@ var errShrank = errors.New("source shrank during copy")
 
 // writeData copies the content of in (size bytes) into the empty file out:
 // a whole-file reflink when the file system can, else extent by extent.
-// prog, if not nil, learns how far out is complete.
-func writeData(ctx context.Context, in, out int, size int64, opt Options, prog *progress) (Stats, error) {
+// prog, if not nil, learns how far out is complete. atHead, if not nil, is
+// called once the first opt.PrepareHead bytes are copied and before any
+// byte past them is (not at all for a reflink, or a file no longer than
+// that: the caller sees it was not called).
+func writeData(ctx context.Context, in, out int, size int64, opt Options, prog *progress, atHead func() error) (Stats, error) {
 	if size > 0 && !opt.readWriteOnly {
 		// Fails with EOPNOTSUPP, EXDEV, EINVAL... where reflinks are not
 		// possible (ext4, tmpfs, across file systems); out is still empty
@@ -49,7 +52,18 @@ func writeData(ctx context.Context, in, out int, size int64, opt Options, prog *
 	}
 	c := copier{ctx: ctx, in: in, out: out, useCFR: !opt.readWriteOnly, limit: opt.Limit,
 		wb: newWriteback(out, opt.syncRange), prog: prog, report: opt.Progress}
-	if err := c.copyExtents(size); err != nil {
+	from := int64(0)
+	if atHead != nil && size > opt.PrepareHead {
+		if err := c.copyExtents(0, opt.PrepareHead); err != nil {
+			return Stats{Bytes: c.bytes}, err
+		}
+		c.prog.advance(opt.PrepareHead) // a hole at its end, if any
+		if err := atHead(); err != nil {
+			return Stats{Bytes: c.bytes}, err
+		}
+		from = opt.PrepareHead
+	}
+	if err := c.copyExtents(from, size); err != nil {
 		return Stats{Bytes: c.bytes}, err
 	}
 	if err := c.wb.finish(); err != nil {
@@ -78,11 +92,11 @@ type copier struct {
 	done    int64         // source data bytes handled, for report
 }
 
-// copyExtents copies every data extent of the first size bytes of in,
+// copyExtents copies every data extent of in between from and to,
 // leaving the holes between them unwritten.
-func (c *copier) copyExtents(size int64) error {
-	for off := int64(0); off < size; {
-		start, end, err := nextExtent(c.in, off, size)
+func (c *copier) copyExtents(from, to int64) error {
+	for off := from; off < to; {
+		start, end, err := nextExtent(c.in, off, to)
 		if err != nil {
 			return err
 		}

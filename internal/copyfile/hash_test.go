@@ -110,6 +110,64 @@ func TestCopyHashAfterPrepare(t *testing.T) {
 	})
 }
 
+// TestCopyHashPrepareHead: with PrepareHead, Prepare runs once the head
+// is copied and before anything past it is (the temporary file is no
+// longer than the head then, and holds the source's bytes there), or after
+// the whole copy for a file no longer than the head; either way the hash
+// is the copy's as Prepare left it, on dense and sparse files, with
+// copy_file_range and with the read/write fallback.
+func TestCopyHashPrepareHead(t *testing.T) {
+	t.Parallel()
+	for _, tc := range hashCases {
+		for _, head := range []int64{64 << 10, 2 * mib} {
+			t.Run(tc.name+"/head "+strconv.FormatInt(head, 10), func(t *testing.T) {
+				t.Parallel()
+				src := tempDirFile(t, "src")
+				writeFile(t, src, tc.size, tc.data)
+				srcData, err := os.ReadFile(src)
+				require.NoError(t, err)
+				both(t, func(t *testing.T, opt Options) {
+					opt.Hash, opt.PrepareHead = true, head
+					calls := 0
+					opt.Prepare = func(tmp string) error {
+						calls++
+						got, err := os.ReadFile(tmp)
+						if err != nil {
+							return err
+						}
+						if tc.size > head {
+							assert.LessOrEqual(t, int64(len(got)), head, "nothing past the head is copied before Prepare")
+						} else {
+							assert.Len(t, got, int(tc.size), "a file no longer than the head is complete")
+						}
+						assert.Equal(t, srcData[:len(got)], got)
+						f, err := os.OpenFile(tmp, os.O_RDWR, 0)
+						if err != nil {
+							return err
+						}
+						defer f.Close()
+						_, err = f.WriteAt([]byte("a new header"), 0)
+						return err
+					}
+					dst := tempDirFile(t, "dst")
+					stats, err := Copy(context.Background(), src, dst, opt)
+					require.NoError(t, err)
+					assert.Equal(t, 1, calls)
+					want := append([]byte(nil), srcData...)
+					if len(want) < len("a new header") {
+						want = append(want, make([]byte, len("a new header")-len(want))...)
+					}
+					copy(want, "a new header")
+					got, err := os.ReadFile(dst)
+					require.NoError(t, err)
+					assert.Equal(t, want, got)
+					assert.Equal(t, sha256sum(t, dst), stats.SHA256)
+				})
+			})
+		}
+	}
+}
+
 // TestCopyHashQcow2Rebased: the way fi-backup copies an overlay, its
 // backing reference rewritten by qcow2.SetBacking in Prepare.
 func TestCopyHashQcow2Rebased(t *testing.T) {

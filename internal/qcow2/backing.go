@@ -25,6 +25,10 @@ var imageFormats = map[string]bool{
 // as it was. qemu-img says "No space left in the file header".
 var ErrHeaderFull = errors.New("no space left in the file header")
 
+// HeadMax bounds what SetBacking rewrites: the first cluster of an image,
+// and a cluster is at most 2 MiB.
+const HeadMax = 1 << maxClusterBits
+
 // SetBacking makes the qcow2 image at path reference backing (format
 // format) as its backing file, without touching any data: what
 // `qemu-img rebase -u -f qcow2 -b backing -F format path` does, and byte
