@@ -207,7 +207,7 @@ func (r *Runner) cbtRun(ctx context.Context, dom virt.Domain, id string, all []v
 	byTarget := map[string]*cbtDisk{}
 	for _, d := range disks {
 		byTarget[d.disk.Target] = d
-		if err := r.dir.CreateCBT(ctx, d.target); err != nil {
+		if err := r.dir.CreateCBT(d.target); err != nil {
 			r.cbt.Cleanup(dom, rec)
 			r.p.Err("Backup for '%s' failed! Cannot create '%s': %v", name, r.dir.Temp(d.target), err)
 			return ErrFailed
@@ -271,6 +271,13 @@ func (r *Runner) cbtRun(ctx context.Context, dom virt.Domain, id string, all []v
 		}
 	}
 	r.p.Verb("Backup of block devices of '%s' successful: %s written in %.3fs", name, humanBytes(bytes), time.Since(start).Seconds())
+	if err := ctx.Err(); err != nil {
+		// Stopped while the files were finished: a stopped run makes no
+		// restore point, this one's checkpoint and files go.
+		r.cbt.Cleanup(dom, rec)
+		r.p.Err("Backup for '%s' failed! Interrupted before its restore point was recorded", name)
+		return ErrFailed
+	}
 	if err := r.record(ctx, dom, at, backupdir.MethodCBT, all, points, ""); err != nil {
 		r.cbt.Cleanup(dom, rec)
 		return err

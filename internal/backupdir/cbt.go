@@ -193,10 +193,11 @@ func (d *Dir) ReserveCBT(domain, moment string, ts []CBTTarget) (bool, error) {
 
 // CreateCBT makes a target's (reserved) temporary file the empty qcow2
 // image the push backup fills: standalone for a full backup, else an
-// overlay of the previous file by its relative name.
-func (d *Dir) CreateCBT(ctx context.Context, t CBTTarget) error {
+// overlay of the previous file by its relative name (qcow2.Create: no
+// qemu-img process).
+func (d *Dir) CreateCBT(t CBTTarget) error {
 	tmp := d.Temp(t)
-	if err := d.Tool.Create(ctx, tmp, t.Size, t.Backing, "qcow2"); err != nil {
+	if err := qcow2.Create(tmp, t.Size, t.Backing, "qcow2"); err != nil {
 		return err
 	}
 	return os.Chmod(tmp, 0o600)
@@ -212,6 +213,9 @@ func (d *Dir) FinishCBT(ctx context.Context, t CBTTarget, wait time.Duration) (F
 	tmp, final := d.Temp(t), d.Final(t)
 	end := time.Now().Add(wait)
 	for {
+		if err := ctx.Err(); err != nil {
+			return File{}, err // stopped (SIGINT/SIGTERM): no restore point is made
+		}
 		err := qcow2.CheckClosed(tmp)
 		if err == nil {
 			break

@@ -178,7 +178,7 @@ func TestFinishCBT(t *testing.T) {
 	ok, err := d.ReserveCBT("dom", "20240101-000001", []CBTTarget{tg})
 	require.NoError(t, err)
 	require.True(t, ok)
-	require.NoError(t, d.CreateCBT(context.Background(), tg))
+	require.NoError(t, d.CreateCBT(tg))
 	st, err := os.Stat(d.Temp(tg))
 	require.NoError(t, err)
 	assert.Equal(t, os.FileMode(0o600), st.Mode().Perm(), "private while written")
@@ -192,7 +192,7 @@ func TestFinishCBT(t *testing.T) {
 
 	inc := CBTTarget{Name: "vm.cbt-20240101-000002", Backing: tg.Name, Size: 16 << 20, Mode: 0o600}
 	require.NoError(t, os.WriteFile(d.Temp(inc), nil, 0o600))
-	require.NoError(t, d.CreateCBT(context.Background(), inc))
+	require.NoError(t, d.CreateCBT(inc))
 	b, err := backingOf(d.Temp(inc))
 	require.NoError(t, err)
 	assert.Equal(t, tg.Name, b, "relative backing reference")

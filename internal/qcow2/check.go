@@ -115,18 +115,6 @@ func (t Tool) Flatten(ctx context.Context, image, format string) error {
 	return err
 }
 
-// Create makes an empty qcow2 image of size bytes; with a backing file
-// (named as it is to be stored: relative to the image's directory) it is an
-// overlay of it.
-func (t Tool) Create(ctx context.Context, path string, size int64, backing, backingFormat string) error {
-	args := []string{"create", "-q", "-f", "qcow2"}
-	if backing != "" {
-		args = append(args, "-b", backing, "-F", formatOr(backingFormat))
-	}
-	_, err := t.run(ctx, append(args, path, strconv.FormatInt(size, 10))...)
-	return err
-}
-
 // ErrLocked means a QEMU process holds the image open for writing.
 var ErrLocked = errors.New("image in use by QEMU")
 
