@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 
@@ -330,18 +329,13 @@ func (r *Runner) cbtBase(dom virt.Domain, id string, disks []*cbtDisk, forceFull
 		return "", nil
 	}
 	want := cbt.CheckpointName(id, last.Moment)
-	found := slices.ContainsFunc(ours, func(c virt.Checkpoint) bool { return c.Name == want })
-	var base virt.Checkpoint
-	if found {
-		// Only the base's sizes are asked for: each costs QEMU a bitmap
-		// merge.
-		if base, err = dom.Checkpoint(want); err != nil && !errors.Is(err, virt.ErrNoCheckpoint) {
-			r.p.Err("Backup for '%s' failed! Cannot read its checkpoint '%s': %s", name, want, virt.Describe(err))
-			return "", ErrFailed
-		}
-		found = err == nil
-	}
-	if !found {
+	// Only the base's sizes are asked for: each costs QEMU a bitmap merge.
+	base, err := dom.Checkpoint(want)
+	switch {
+	case err != nil && !errors.Is(err, virt.ErrNoCheckpoint):
+		r.p.Err("Backup for '%s' failed! Cannot read its checkpoint '%s': %s", name, want, virt.Describe(err))
+		return "", ErrFailed
+	case err != nil:
 		r.p.Warn("The checkpoint '%s' of the newest --cbt restore point %s of '%s' is not on the host (the domain was redefined, or the checkpoint deleted): full backup", want, last.Moment, name)
 		return "", nil
 	}

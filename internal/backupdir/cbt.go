@@ -220,7 +220,7 @@ func (d *Dir) FinishCBT(ctx context.Context, t CBTTarget, wait time.Duration) (F
 		if err == nil {
 			break
 		}
-		if !errors.Is(err, qcow2.ErrLocked) || time.Now().After(end) || ctx.Err() != nil {
+		if !errors.Is(err, qcow2.ErrLocked) || time.Now().After(end) {
 			return File{}, err
 		}
 		time.Sleep(5 * time.Millisecond)

@@ -42,22 +42,23 @@ func TestVersionCached(t *testing.T) {
 	bin, calls := filepath.Join(dir, "qemu-img"), filepath.Join(dir, "calls")
 	cache := filepath.Join(dir, "cache", "qemu-img-version.json")
 	later := time.Now().Add(time.Hour) // the binary has settled by then
+	// version asks for the version of path and checks it is want.
+	version := func(path, cache string, now time.Time, want string, msg ...any) {
+		t.Helper()
+		v, err := versionCached(path, cache, now)
+		require.NoError(t, err)
+		assert.Equal(t, want, v, msg...)
+	}
 
 	fakeQemuImg(t, bin, calls, "7.2.0")
-	v, err := versionCached(bin, cache, later)
-	require.NoError(t, err)
-	assert.Equal(t, "7.2.0", v)
+	version(bin, cache, later, "7.2.0")
 	assert.Equal(t, 1, runs(t, calls))
-	v, err = versionCached(bin, cache, later)
-	require.NoError(t, err)
-	assert.Equal(t, "7.2.0", v, "from the cache")
+	version(bin, cache, later, "7.2.0", "from the cache")
 	assert.Equal(t, 1, runs(t, calls), "a cached version does not start qemu-img")
 
 	// An upgrade: same size, new file.
 	fakeQemuImg(t, bin, calls, "8.1.0")
-	v, err = versionCached(bin, cache, later)
-	require.NoError(t, err)
-	assert.Equal(t, "8.1.0", v)
+	version(bin, cache, later, "8.1.0")
 	assert.Equal(t, 2, runs(t, calls))
 
 	// Another binary reached through a symbolic link of the same name.
@@ -66,40 +67,26 @@ func TestVersionCached(t *testing.T) {
 	link := filepath.Join(dir, "link", "qemu-img")
 	require.NoError(t, os.MkdirAll(filepath.Dir(link), 0o755))
 	require.NoError(t, os.Symlink(other, link))
-	v, err = versionCached(link, cache, later)
-	require.NoError(t, err)
-	assert.Equal(t, "9.0.0", v)
+	version(link, cache, later, "9.0.0")
 	assert.Equal(t, 3, runs(t, calls))
-	v, err = versionCached(bin, cache, later)
-	require.NoError(t, err)
-	assert.Equal(t, "8.1.0", v, "the entry is the other binary's now")
+	version(bin, cache, later, "8.1.0", "the entry is the other binary's now")
 	assert.Equal(t, 4, runs(t, calls))
 
 	// Changed just now: its version is given but not remembered.
 	fakeQemuImg(t, bin, calls, "8.2.0")
-	for i := 0; i < 2; i++ {
-		v, err = versionCached(bin, cache, time.Now())
-		require.NoError(t, err)
-		assert.Equal(t, "8.2.0", v)
-	}
+	version(bin, cache, time.Now(), "8.2.0")
+	version(bin, cache, time.Now(), "8.2.0")
 	assert.Equal(t, 6, runs(t, calls), "a binary changed within the last ticks runs every time")
 
 	// A damaged cache file is ignored and replaced.
 	require.NoError(t, os.WriteFile(cache, []byte("{not json"), 0o644))
-	v, err = versionCached(bin, cache, later)
-	require.NoError(t, err)
-	assert.Equal(t, "8.2.0", v)
-	v, err = versionCached(bin, cache, later)
-	require.NoError(t, err)
-	assert.Equal(t, "8.2.0", v)
+	version(bin, cache, later, "8.2.0")
+	version(bin, cache, later, "8.2.0")
 	assert.Equal(t, 7, runs(t, calls))
 
 	// No cache file: qemu-img runs every time.
-	for i := 0; i < 2; i++ {
-		v, err = versionCached(bin, "", later)
-		require.NoError(t, err)
-		assert.Equal(t, "8.2.0", v)
-	}
+	version(bin, "", later, "8.2.0")
+	version(bin, "", later, "8.2.0")
 	assert.Equal(t, 9, runs(t, calls))
 }
 
